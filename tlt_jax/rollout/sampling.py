@@ -1,0 +1,91 @@
+"""Sampling distributions: greedy, temperature, top-k and top-p, with exact (sort-free) top-p.
+
+``SamplingParams`` is static (hashable): each setting is one compiled program. The same
+``sampling_logprobs`` defines the distribution for plain decoding and, later, for lossless verification.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Tuple
+
+import jax
+import jax.numpy as jnp
+
+from tlt_jax.errors import ConfigError
+
+NEG_INF = -jnp.inf
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """temperature 0 means greedy; top_k 0 means off; top_p 1.0 means off."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if not (self.temperature >= 0.0):
+            raise ConfigError(f"sampling.temperature must be >= 0, got {self.temperature}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise ConfigError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
+        if int(self.top_k) != self.top_k or self.top_k < 0:
+            raise ConfigError(f"sampling.top_k must be a non-negative integer, got {self.top_k}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def _top_p_threshold(probs: jax.Array, top_p: float) -> jax.Array:
+    """Largest probability value tau with sum(probs[probs >= tau]) >= top_p, per row ([..., 1]).
+
+    Bisection over the bit patterns of non-negative float32 values (monotone as integers), so the
+    threshold is exact among representable values and no sort over the vocabulary is needed.
+    """
+    probs = probs.astype(jnp.float32)
+    bits = jax.lax.bitcast_convert_type(probs, jnp.int32)
+    lo = jnp.zeros(probs.shape[:-1] + (1,), jnp.int32)  # mass(0) = 1 >= top_p
+    hi = bits.max(axis=-1, keepdims=True) + 1  # mass(> max) = 0 < top_p
+
+    def body(_, carry):
+        lo, hi = carry
+        mid = lo + (hi - lo) // 2
+        mass = jnp.where(bits >= mid, probs, 0.0).sum(-1, keepdims=True)
+        ok = mass >= top_p
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+    lo, _ = jax.lax.fori_loop(0, 32, body, (lo, hi))
+    return jax.lax.bitcast_convert_type(lo, jnp.float32)
+
+
+def sampling_logprobs(logits: jax.Array, params: SamplingParams) -> jax.Array:
+    """Log-probabilities of the distribution tokens are drawn from. logits: [..., V] -> [..., V].
+
+    Greedy (temperature 0) returns the model's own log-softmax (the argmax is taken from it).
+    Removed tokens get -inf.
+    """
+    logits = logits.astype(jnp.float32)
+    if params.greedy:
+        return jax.nn.log_softmax(logits, axis=-1)
+    x = logits / params.temperature
+    if params.top_k and params.top_k < x.shape[-1]:
+        kth = jax.lax.top_k(x, params.top_k)[0][..., -1:]
+        x = jnp.where(x >= kth, x, NEG_INF)
+    if params.top_p < 1.0:
+        probs = jax.nn.softmax(x, axis=-1)
+        tau = _top_p_threshold(probs, params.top_p)
+        x = jnp.where(probs >= tau, x, NEG_INF)
+    return jax.nn.log_softmax(x, axis=-1)
+
+
+def sample(key: jax.Array, logits: jax.Array, params: SamplingParams) -> Tuple[jax.Array, jax.Array]:
+    """Draws one token per row. logits: [B, V]. Returns (tokens [B] int32, log-prob of each token [B])."""
+    logp = sampling_logprobs(logits, params)
+    if params.greedy:
+        tokens = jnp.argmax(logp, axis=-1)
+    else:
+        tokens = jax.random.categorical(key, logp, axis=-1)
+    tokens = tokens.astype(jnp.int32)
+    return tokens, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
