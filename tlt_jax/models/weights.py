@@ -323,3 +323,22 @@ def load_checkpoint(path: str, **kw) -> Tuple[ModelConfig, Decoder]:
     if path.endswith(".gguf") or (os.path.isfile(path) and not os.path.isdir(path)):
         return load_gguf(path, **kw)
     return load_hf_checkpoint(path, **kw)
+
+
+def model_from_config(config, mesh=None) -> Tuple[ModelConfig, Decoder]:
+    """The model a job config names: its checkpoint, or a random model from ``model.arch`` (seeded).
+
+    With ``mesh``, parameters are placed by the sharding rules as they are loaded.
+    """
+    from tlt_jax.config import model_config_from_arch
+    from tlt_jax.parallel.sharding import param_shardings, shard_model
+
+    shardings_fn = (lambda cfg: param_shardings(cfg, mesh)) if mesh is not None else None
+    m = config.model
+    if m.checkpoint:
+        return load_checkpoint(m.checkpoint, param_dtype=m.param_dtype, dtype=m.dtype, shardings_fn=shardings_fn)
+    cfg = model_config_from_arch(config)
+    model = Decoder(cfg, rngs=nnx.Rngs(int(config.seed)))
+    if mesh is not None:
+        model = shard_model(model, mesh)
+    return cfg, model

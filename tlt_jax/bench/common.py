@@ -1,0 +1,49 @@
+"""Shared pieces of the benchmark programs."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from typing import Dict, List, Sequence
+
+BENCH_QUESTIONS = (
+    "What is 12 + 35?",
+    "Explain why the sky is blue in two sentences.",
+    "Write a short poem about autumn leaves.",
+    "List three uses of a paperclip.",
+    "How many days are there in a leap year?",
+    "Describe a cat to someone who has never seen one.",
+    "What is the capital of France, and why is it famous?",
+    "Give me a tip for learning to cook.",
+)
+
+
+def questions(n: int) -> List[str]:
+    return [BENCH_QUESTIONS[i % len(BENCH_QUESTIONS)] for i in range(n)]
+
+
+def machine_info() -> Dict[str, object]:
+    import jax
+
+    return {"platform": jax.devices()[0].platform, "device": str(jax.devices()[0].device_kind),
+            "cpu_count": os.cpu_count(), "python": platform.python_version(), "jax": jax.__version__}
+
+
+def print_table(rows: Sequence[Dict[str, object]], cols: Sequence[str]) -> None:
+    def fmt(v):
+        return f"{v:.2f}" if isinstance(v, float) else str(v)
+
+    widths = [max(len(c), *(len(fmt(r[c])) for r in rows)) for c in cols]
+    print("  ".join(c.rjust(w) for c, w in zip(cols, widths)))
+    for r in rows:
+        print("  ".join(fmt(r[c]).rjust(w) for c, w in zip(cols, widths)))
+
+
+def write_json(path: str, payload: Dict[str, object]) -> None:
+    if not path:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1)
+    print(f"wrote {path}")

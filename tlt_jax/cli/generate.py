@@ -1,0 +1,96 @@
+"""Answer sample prompts with a model from a config and report throughput (the current main job).
+
+    tlt-generate --config configs/smollm2_135m.py [--config.rollout.max_new_tokens=64] [--prompt "..."]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def main(argv=None) -> int:
+    from tlt_jax.config import load_config, split_config_args
+    from tlt_jax.errors import TltError
+
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        path, overrides, rest = split_config_args(argv)
+        ap = argparse.ArgumentParser(prog="tlt-generate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+        ap.add_argument("--prompt", action="append", help="a user message (repeatable); default: job.prompts")
+        ap.add_argument("--json", help="write answers and timings to this file")
+        args = ap.parse_args(rest)
+        config = load_config(path or "smollm2_135m", overrides)
+        return run(config, args)
+    except TltError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(config, args) -> int:
+    import jax
+    import numpy as np
+
+    from tlt_jax.models.tokenizer import chat_prompt_ids, load_tokenizer, stop_token_ids
+    from tlt_jax.models.weights import model_from_config
+    from tlt_jax.errors import ConfigError
+    from tlt_jax.parallel import make_mesh
+    from tlt_jax.rollout import RolloutSpec, SamplingParams, generate
+
+    r = config.rollout
+    mesh = make_mesh(config.mesh)
+    t0 = time.perf_counter()
+    print(f"[tlt] config {config.name}: loading {config.model.checkpoint or 'random model'} "
+          f"on {len(jax.devices())} {jax.devices()[0].platform} device(s), mesh {dict(mesh.shape)}", flush=True)
+    cfg, model = model_from_config(config, mesh if mesh.size > 1 else None)
+    t_load = time.perf_counter() - t0
+    tok_path = config.model.tokenizer or config.model.checkpoint
+    if not tok_path:
+        raise ConfigError("tlt-generate needs a tokenizer: set model.checkpoint or model.tokenizer")
+    t0 = time.perf_counter()
+    tokenizer = load_tokenizer(tok_path)
+    t_tok = time.perf_counter() - t0
+    messages = args.prompt or list(config.job.prompts)
+    if not messages:
+        raise ConfigError("no prompts: pass --prompt or set job.prompts")
+    prompts = chat_prompt_ids(tokenizer, messages, config.job.system_prompt or None)
+    too_long = [len(p) for p in prompts if len(p) > r.max_prompt_len]
+    if too_long:
+        raise ConfigError(f"a prompt has {max(too_long)} tokens > rollout.max_prompt_len={r.max_prompt_len}")
+    spec = RolloutSpec(max_new_tokens=int(r.max_new_tokens),
+                       stop_tokens=tuple(stop_token_ids(tokenizer, r.stop_strings)),
+                       sampling=SamplingParams(float(r.temperature), int(r.top_k), float(r.top_p)),
+                       chunk_steps=int(r.chunk_steps), attn_impl=config.model.attn_impl)
+    print(f"[tlt] model {cfg.architecture} {cfg.num_params() / 1e6:.1f}M params loaded in {t_load:.1f}s, "
+          f"tokenizer in {t_tok:.1f}s; answering {len(prompts)} prompts (compiling first)", flush=True)
+    cache_len = int(r.cache_len) or None
+    t0 = time.perf_counter()
+    res = generate(model, prompts, spec, seed=int(config.seed), cache_len=cache_len,
+                   mesh=mesh if mesh.size > 1 else None)
+    t_first = time.perf_counter() - t0
+    res = generate(model, prompts, spec, seed=int(config.seed), cache_len=cache_len,
+                   mesh=mesh if mesh.size > 1 else None)
+    n_tok = int(np.sum(res.lengths))
+    wall = res.prefill_s + res.decode_s
+    for msg, toks, reason in zip(messages, res.tokens, res.finish_reasons):
+        print(f"\n>>> {msg}\n{tokenizer.decode(toks, skip_special_tokens=True).strip()}\n[{len(toks)} tokens, {reason}]")
+    print(f"\n[tlt] {n_tok} tokens in {wall:.2f}s = {n_tok / wall:.1f} tokens/s "
+          f"(prefill {res.prefill_s:.2f}s, decode {res.decode_s:.2f}s, {res.num_chunks} chunks; "
+          f"first call incl. compile {t_first:.1f}s)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"answers": [tokenizer.decode(t, skip_special_tokens=True) for t in res.tokens],
+                       "lengths": res.lengths.tolist(), "finish_reasons": res.finish_reasons,
+                       "tokens_per_s": n_tok / wall, "prefill_s": res.prefill_s, "decode_s": res.decode_s}, f,
+                      indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
