@@ -1,0 +1,34 @@
+"""The main job end to end on the embedded model (short answers)."""
+
+import json
+
+import pytest
+
+from tlt_jax.cli.generate import main as generate_main
+from tlt_jax.cli.inspect_model import main as inspect_main
+
+
+@pytest.mark.slow
+def test_main_job_answers_prompts(tmp_path, capsys):
+    out = tmp_path / "answers.json"
+    rc = generate_main(["--config", "configs/smollm2_135m.py", "--config.rollout.max_new_tokens=12",
+                        "--prompt", "What is 2 + 2?", "--prompt", "Say hello.", "--json", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert ">>> What is 2 + 2?" in text and "tokens/s" in text
+    data = json.loads(out.read_text())
+    assert len(data["answers"]) == 2 and all(1 <= n <= 12 for n in data["lengths"])
+    assert data["tokens_per_s"] > 0
+
+
+def test_inspect_cli(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert inspect_main(["--config", "configs/llama3_3_70b.py", "--config.mesh.tensor=2", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["num_params"] == 70_553_706_496
+    assert "GiB" in capsys.readouterr().out
+
+
+def test_inspect_cli_mesh_does_not_fit(capsys):
+    assert inspect_main(["--config", "configs/tiny.py", "--config.mesh.data=3"]) == 2
+    assert "do not divide" in capsys.readouterr().err

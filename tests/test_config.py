@@ -1,0 +1,59 @@
+import glob
+import os
+
+import pytest
+
+from tlt_jax.cli.generate import main as generate_main
+from tlt_jax.config import CONFIG_DIR, load_config, model_config_from_arch, split_config_args
+from tlt_jax.errors import ConfigError
+
+ALL = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(CONFIG_DIR, "*.py")) if "__" not in p)
+
+
+def test_all_configs_present():
+    assert {"tiny", "smollm2_135m", "qwen2_5_7b", "r1_distill_qwen_7b", "qwen2_5_32b", "llama3_3_70b"} <= set(ALL)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_config_loads_and_describes_a_model(name):
+    c = load_config(name)
+    cfg = model_config_from_arch(c)
+    assert cfg.num_params() > 0
+
+
+def test_overrides_are_typed():
+    c = load_config("configs/tiny.py", ["rollout.top_p=0.9", "rollout.max_new_tokens=7", "mesh.tensor=2",
+                                        "model.dtype=bfloat16", "rollout.stop_strings=('<a>','<b>')"])
+    assert c.rollout.top_p == 0.9 and c.rollout.max_new_tokens == 7 and c.mesh.tensor == 2
+    assert c.model.dtype == "bfloat16" and tuple(c.rollout.stop_strings) == ("<a>", "<b>")
+
+
+def test_split_config_args():
+    path, ov, rest = split_config_args(["--config", "x.py", "--config.a.b=1", "--config.c", "2", "--json", "o"])
+    assert path == "x.py" and ov == ["a.b=1", "c=2"] and rest == ["--json", "o"]
+
+
+@pytest.mark.parametrize("override,message", [
+    ("rollout.top_pp=0.9", "unknown config key 'rollout.top_pp'; did you mean"),
+    ("rollout.top_p=0", r"rollout.top_p must be in \(0, 1\]"),
+    ("rollout.top_p=1.01", r"rollout.top_p must be in \(0, 1\]"),
+    ("rollout.max_new_tokens=many", "cannot parse 'many'"),
+    ("mesh.data=0", "mesh.data must be a positive size"),
+    ("model.dtype=float8", "model.dtype must be"),
+    ("model.arch.num_kv_heads=3", "multiple of num_kv_heads"),
+])
+def test_bad_overrides(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("tiny", [override])
+
+
+def test_unknown_config_file():
+    with pytest.raises(ConfigError, match="known configs"):
+        load_config("no_such_config")
+
+
+def test_cli_reports_config_errors(capsys):
+    assert generate_main(["--config", "configs/tiny.py", "--config.rollout.top_p=2"]) == 2
+    assert "rollout.top_p must be in (0, 1]" in capsys.readouterr().err
+    assert generate_main(["--config", "configs/tiny.py", "--config.nope=1"]) == 2
+    assert "unknown config key 'nope'" in capsys.readouterr().err
