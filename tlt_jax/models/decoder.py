@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import NamedTuple, Optional, Tuple
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -230,6 +231,9 @@ def prefill(model: Decoder, tokens: jax.Array, valid: jax.Array, cache: KVCache,
     Returns:
       (logits, hidden [B, T, H], cache with lengths advanced by the number of valid tokens).
     """
+    chex.assert_rank(tokens, 2)
+    chex.assert_equal_shape([tokens, valid])
+    chex.assert_shape(cache.lengths, (tokens.shape[0],))
     b, t = tokens.shape
     valid = valid.astype(bool)
     rank = jnp.cumsum(valid, axis=1) - 1  # index among valid tokens
@@ -252,6 +256,7 @@ def decode(model: Decoder, token: jax.Array, cache: KVCache, active: Optional[ja
 
     Returns (logits [B, V], hidden [B, H], cache).
     """
+    chex.assert_shape(token, (cache.batch,))
     b = token.shape[0]
     if active is None:
         active = jnp.ones((b,), bool)
@@ -273,6 +278,10 @@ def verify(model: Decoder, tokens: jax.Array, positions: jax.Array, mask: jax.Ar
     Returns:
       (logits [B, V, Vocab], hidden [B, V, H], new_kv: per layer (k, v) each [B, V, KVH, D]).
     """
+    chex.assert_rank(tokens, 2)
+    chex.assert_equal_shape([tokens, positions])
+    chex.assert_shape(mask, tokens.shape + tokens.shape[1:])
+    chex.assert_shape(cache.lengths, tokens.shape[:1])
     out = model(tokens, positions, mask, cache, write_slots=None, attend_len=attend_len, return_new_kv=True,
                 attn_impl=attn_impl)
     return out.logits, out.hidden, out.new_kv
