@@ -25,3 +25,26 @@ def test_unknown_stop_token():
     tok = load_tokenizer("embedded:smollm2")
     with pytest.raises(CheckpointError, match="not a single token"):
         stop_token_ids(tok, ["<|no such token|>"])
+
+
+@pytest.mark.parity
+def test_gguf_tokenizer_matches_transformers(tmp_path, monkeypatch):
+    """Our torch-free GGUF tokenizer build equals transformers' own GGUF tokenizer load."""
+    import os
+
+    import transformers
+
+    from tlt_jax.models.weights import embedded_gguf_path
+
+    monkeypatch.setenv("TLT_CACHE_DIR", str(tmp_path))
+    path = embedded_gguf_path()
+    ref = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    ours = load_tokenizer("embedded:smollm2")
+    texts = ["What is 12 + 35?", "  leading spaces and 1234567 digits\n\nnew lines", "Ünïcödé — emoji 🙂 and 中文",
+             "<|im_start|>user\nhi<|im_end|>", "x" * 300]
+    for t in texts:
+        assert ours.encode(t) == ref.encode(t), t
+        assert ours.decode(ours.encode(t)) == ref.decode(ref.encode(t))
+    assert chat_prompt_ids(ours, texts[:2]) == chat_prompt_ids(ref, texts[:2])
+    assert (ours.eos_token_id, ours.bos_token_id, ours.pad_token_id) == (ref.eos_token_id, ref.bos_token_id,
+                                                                        ref.pad_token_id)

@@ -38,7 +38,7 @@ def load_tokenizer(checkpoint: str):
     cached = os.path.join(cache_root(), "tokenizers", _gguf_key(path))
     if os.path.exists(os.path.join(cached, "tokenizer.json")):
         return transformers.PreTrainedTokenizerFast.from_pretrained(cached)
-    tok = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    tok = tokenizer_from_gguf(path)
     tmp = cached + f".tmp{os.getpid()}"
     tok.save_pretrained(tmp)
     os.makedirs(os.path.dirname(cached), exist_ok=True)
@@ -47,6 +47,35 @@ def load_tokenizer(checkpoint: str):
     except OSError:
         pass  # another process won the race; its copy is equivalent
     return tok
+
+
+def tokenizer_from_gguf(path: str):
+    """Builds the fast tokenizer a GGUF file describes, with transformers' own GGUF converters.
+
+    The metadata is read with the ``gguf`` package (transformers' GGUF metadata reader needs torch, which
+    is not a runtime dependency); the conversion itself is transformers'.
+    """
+    import transformers
+    from transformers.integrations.gguf import gguf_tokenizer_mapping as m
+
+    from tlt_jax.models.weights import open_gguf
+
+    reader = open_gguf(path)
+    meta = {k: f.contents() for k, f in reader.fields.items()
+            if k.startswith("tokenizer.") or k == "general.architecture"}
+    grouped = {group: {name: meta[f"tokenizer.{key}"] for key, name in renames.items() if f"tokenizer.{key}" in meta}
+               for group, renames in m.GGUF_TOKENIZER_MAPPING.items()}
+    tokenizer_dict, tokenizer_config = grouped["tokenizer"], grouped["tokenizer_config"]
+    if "tokens" not in tokenizer_dict:
+        raise CheckpointError(f"GGUF file {path} has no tokenizer vocabulary")
+    if tokenizer_dict.get("tokenizer_type") == "llama":
+        tokenizer_config.setdefault("add_bos_token", True)  # llama.cpp's default for sentencepiece files
+    for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
+                      ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):
+        token_id = meta.get(f"tokenizer.ggml.{key}")
+        tokenizer_config[name] = tokenizer_dict["tokens"][int(token_id)] if token_id is not None else None
+    backend, extra = m.convert_gguf_tokenizer(meta.get("general.architecture"), tokenizer_dict)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, **tokenizer_config, **extra)
 
 
 def chat_prompt_ids(tokenizer, user_messages: Sequence[str], system: Optional[str] = None) -> List[List[int]]:
