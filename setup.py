@@ -19,6 +19,7 @@ setup(
         "ml-dtypes>=0.5",
         "transformers>=5.0,<6",
         "tokenizers>=0.21",
+        "jinja2>=3.1",  # chat templates
         "datasets>=4.0,<6",
         "gguf>=0.17,<1",
         "math-verify>=0.8,<1",
