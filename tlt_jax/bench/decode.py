@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     from tlt_jax.bench.common import machine_info, print_table, questions, write_json
     from tlt_jax.models.tokenizer import chat_prompt_ids, load_tokenizer
     from tlt_jax.models.weights import embedded_gguf_path, load_gguf
-    from tlt_jax.rollout import RolloutSpec, generate
+    from tlt_jax.rollout import RolloutSpec, generate, pad_prompts
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -47,12 +47,9 @@ def main(argv=None) -> int:
     rows = []
     for b in [int(x) for x in args.batches.split(",")]:
         prompts = chat_prompt_ids(tokenizer, questions(b))
-        width = max(len(p) for p in prompts)
-        ids = torch.full((b, width), pad, dtype=torch.long)
-        mask = torch.zeros((b, width), dtype=torch.long)
-        for i, p in enumerate(prompts):  # left padding, as generate expects
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
+        left, valid = pad_prompts(prompts, pad_id=pad, side="left", multiple=1)  # as generate expects
+        width = left.shape[1]
+        ids, mask = torch.from_numpy(left).long(), torch.from_numpy(valid).long()
 
         def run_hf(new):
             with torch.no_grad():

@@ -21,15 +21,13 @@ def inspect_config(config, mesh) -> dict:
 
     from tlt_jax.config import model_config_from_arch
     from tlt_jax.models.kv_cache import init_cache
-    from tlt_jax.models.weights import abstract_model
+    from tlt_jax.models.weights import abstract_model, state_path
     from tlt_jax.parallel.sharding import bytes_per_device, cache_shardings, param_shardings
     from tlt_jax.rollout.decode import default_cache_len
 
     cfg = model_config_from_arch(config)
     _, abstract_state = nnx.split(abstract_model(cfg))
     shard = param_shardings(cfg, mesh)
-    from tlt_jax.models.weights import state_path
-
     paths = [state_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(abstract_state)]
     param_bytes = bytes_per_device(abstract_state, [shard[p] for p in paths])
     r = config.rollout
