@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from tlt_jax.errors import ConfigError
-from tlt_jax.rollout.sampling import SamplingParams, sample, sampling_logprobs
+from tlt_jax.rollout.sampling import SamplingParams, inverse_cdf, sample, sampling_logprobs
 
 
 def sorted_top_p_reference(logits, temperature, top_p):
@@ -59,6 +59,17 @@ def test_sampling_frequencies_follow_distribution():
     toks = jax.vmap(lambda k: sample(k, logits, params)[0][0])(keys)
     freq = np.bincount(np.asarray(toks), minlength=4) / 20000
     np.testing.assert_allclose(freq, [0.625, 0.375, 0, 0], atol=0.015)
+
+
+def test_inverse_cdf_draws_never_hit_zero_probability_tokens():
+    """Zero-probability tokens inside and at the end of the vocabulary are never drawn; the rest at their rate."""
+    p = np.asarray([0.0, 0.2, 0.0, 0.5, 0.3, 0.0, 0.0])
+    logp = jnp.log(jnp.asarray(p, jnp.float32))[None]
+    keys = jax.random.split(jax.random.PRNGKey(1), 40000)
+    toks = np.asarray(jax.vmap(lambda k: inverse_cdf(k, logp)[0])(keys))
+    freq = np.bincount(toks, minlength=7) / len(toks)
+    np.testing.assert_allclose(freq, p, atol=0.01)
+    assert freq[[0, 2, 5, 6]].sum() == 0
 
 
 @pytest.mark.parametrize("kw", [dict(top_p=0.0), dict(top_p=1.5), dict(temperature=-1.0), dict(top_k=-2)])

@@ -160,12 +160,14 @@ class Decoder(nnx.Module):
         return self.embed_tokens(tokens)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
-        """LM head in the compute dtype with float32 accumulation; returns float32 logits."""
+        """LM head in the compute dtype with (at least) float32 accumulation; returns float32 (float64) logits."""
         if self.cfg.tie_embeddings:
             w = self.embed_tokens.embedding[...].astype(hidden.dtype)
-            return jnp.einsum("...h,vh->...v", hidden, w, preferred_element_type=F32)
+            acc = jnp.promote_types(hidden.dtype, F32)
+            return jnp.einsum("...h,vh->...v", hidden, w, preferred_element_type=acc)
         w = self.lm_head.kernel[...].astype(hidden.dtype)
-        return jnp.einsum("...h,hv->...v", hidden, w, preferred_element_type=F32)
+        acc = jnp.promote_types(hidden.dtype, F32)
+        return jnp.einsum("...h,hv->...v", hidden, w, preferred_element_type=acc)
 
     def __call__(self, tokens, positions, new_mask, cache: Optional[KVCache] = None, *, write_slots=None,
                  logit_index=None, attend_len: Optional[int] = None, use_prefix: bool = True,

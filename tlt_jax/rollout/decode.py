@@ -67,7 +67,7 @@ def _record(state_fields, tok, lp, active, spec: RolloutSpec, cache_len_now, cac
     rows = jnp.arange(b)
     col = jnp.where(active, num, n)
     tokens = tokens.at[rows, col].set(tok, mode="drop")
-    logprobs = logprobs.at[rows, col].set(lp, mode="drop")
+    logprobs = logprobs.at[rows, col].set(lp.astype(logprobs.dtype), mode="drop")
     num = num + active.astype(jnp.int32)
     if spec.stop_tokens:
         is_stop = jnp.isin(tok, jnp.asarray(spec.stop_tokens, jnp.int32))
@@ -197,19 +197,18 @@ def default_cache_len(prompt_width: int, max_new_tokens: int, multiple: int = 64
     return -(-(prompt_width + max_new_tokens) // multiple) * multiple
 
 
-def generate(model: Decoder, prompts: Sequence[Sequence[int]], spec: RolloutSpec, *, seed: int = 0,
-             cache_len: Optional[int] = None, max_new: Optional[Sequence[int]] = None, pad_side: str = "left",
-             on_chunk: Optional[Callable[[RolloutState], None]] = None, mesh=None) -> RolloutResult:
-    """Runs a plain rollout to completion (host loop over jitted chunks).
+class PreparedBatch(NamedTuple):
+    tokens: np.ndarray  # [B, P] left/right padded prompts
+    valid: np.ndarray  # [B, P] bool
+    limits: np.ndarray  # [B] int32 per-row max new tokens
+    cache_len: int
+    longest: int  # longest prompt (tokens)
 
-    With ``mesh``, the model's parameters should already be placed on it (``parallel.shard_model``); the
-    prompt batch is split over the data and fsdp axes and the cache follows.
-    """
-    if mesh is not None and jax.sharding.get_abstract_mesh().empty:
-        with jax.set_mesh(mesh):
-            return generate(model, prompts, spec, seed=seed, cache_len=cache_len, max_new=max_new,
-                            pad_side=pad_side, on_chunk=on_chunk, mesh=mesh)
-    graphdef, params = nnx.split(model)
+
+def prepare_batch(model: Decoder, prompts: Sequence[Sequence[int]], spec: RolloutSpec, *,
+                  cache_len: Optional[int] = None, max_new: Optional[Sequence[int]] = None,
+                  pad_side: str = "left") -> PreparedBatch:
+    """Pads the prompts and checks them against the cache, the model's context and the length limits."""
     toks, valid = pad_prompts(prompts, side=pad_side)
     longest = int(valid.sum(1).max())
     if cache_len is None:
@@ -224,7 +223,26 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], spec: RolloutSpec
     limits = np.full((b,), spec.max_new_tokens, np.int32) if max_new is None else np.asarray(max_new, np.int32)
     if limits.shape != (b,) or limits.min() < 1 or limits.max() > spec.max_new_tokens:
         raise InputError(f"max_new must be {b} values in [1, {spec.max_new_tokens}]")
-    toks, valid, limits = (_place(x, mesh) for x in (toks, valid, limits))
+    return PreparedBatch(toks, valid, limits, cache_len, longest)
+
+
+def generate(model: Decoder, prompts: Sequence[Sequence[int]], spec: RolloutSpec, *, seed: int = 0,
+             cache_len: Optional[int] = None, max_new: Optional[Sequence[int]] = None, pad_side: str = "left",
+             on_chunk: Optional[Callable[[RolloutState], None]] = None, mesh=None) -> RolloutResult:
+    """Runs a plain rollout to completion (host loop over jitted chunks).
+
+    With ``mesh``, the model's parameters should already be placed on it (``parallel.shard_model``); the
+    prompt batch is split over the data and fsdp axes and the cache follows.
+    """
+    if mesh is not None and jax.sharding.get_abstract_mesh().empty:
+        with jax.set_mesh(mesh):
+            return generate(model, prompts, spec, seed=seed, cache_len=cache_len, max_new=max_new,
+                            pad_side=pad_side, on_chunk=on_chunk, mesh=mesh)
+    graphdef, params = nnx.split(model)
+    batch = prepare_batch(model, prompts, spec, cache_len=cache_len, max_new=max_new, pad_side=pad_side)
+    cache_len = batch.cache_len
+    b = len(prompts)
+    toks, valid, limits = (_place(x, mesh) for x in (batch.tokens, batch.valid, batch.limits))
     t0 = time.perf_counter()
     st = start_rollout(params, toks, valid, limits,
                        jax.random.PRNGKey(seed), graphdef=graphdef, spec=spec, cache_len=cache_len)

@@ -66,7 +66,7 @@ def sampling_logprobs(logits: jax.Array, params: SamplingParams) -> jax.Array:
     Greedy (temperature 0) returns the model's own log-softmax (the argmax is taken from it).
     Removed tokens get -inf.
     """
-    logits = logits.astype(jnp.float32)
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))  # float64 stays float64
     if params.greedy:
         return jax.nn.log_softmax(logits, axis=-1)
     x = logits / params.temperature
@@ -80,12 +80,28 @@ def sampling_logprobs(logits: jax.Array, params: SamplingParams) -> jax.Array:
     return jax.nn.log_softmax(x, axis=-1)
 
 
+def inverse_cdf(key: jax.Array, logp: jax.Array) -> jax.Array:
+    """One draw per row from exp(logp) ([..., V] -> [...]) by inverting the cumulative distribution.
+
+    Token i is drawn iff c[i-1] <= u < c[i] with u uniform on [0, c[V-1]): exactly the distribution, with one
+    random number per row instead of V Gumbel variates (several times cheaper at 50k-token vocabularies).
+    Tokens of probability 0 (removed by top-k/top-p) are never drawn.
+    """
+    p = jnp.exp(logp)
+    c = jnp.cumsum(p, axis=-1)
+    u = jax.random.uniform(key, logp.shape[:-1] + (1,), dtype=c.dtype) * c[..., -1:]
+    idx = jnp.sum(c <= u, axis=-1)  # c[idx] > u >= c[idx - 1], so p[idx] > 0
+    # u rounding up to the total: take the last token of positive probability
+    last = logp.shape[-1] - 1 - jnp.argmax(jnp.flip(p > 0, axis=-1), axis=-1)
+    return jnp.where(idx >= logp.shape[-1], last, idx)
+
+
 def sample(key: jax.Array, logits: jax.Array, params: SamplingParams) -> Tuple[jax.Array, jax.Array]:
     """Draws one token per row. logits: [B, V]. Returns (tokens [B] int32, log-prob of each token [B])."""
     logp = sampling_logprobs(logits, params)
     if params.greedy:
         tokens = jnp.argmax(logp, axis=-1)
     else:
-        tokens = jax.random.categorical(key, logp, axis=-1)
+        tokens = inverse_cdf(key, logp)
     tokens = tokens.astype(jnp.int32)
     return tokens, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
