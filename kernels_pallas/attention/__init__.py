@@ -4,6 +4,6 @@ One API, :func:`cached_attention`, used by prefill (T prompt tokens, empty or pa
 (T = 1) and verification (T = V draft tokens under an arbitrary V x V mask).
 """
 
-from kernels_pallas.attention.api import cached_attention, IMPLEMENTATIONS
+from kernels_pallas.attention.api import IMPLEMENTATIONS, NAMES, cached_attention, resolve_impl
 
-__all__ = ["cached_attention", "IMPLEMENTATIONS"]
+__all__ = ["cached_attention", "resolve_impl", "IMPLEMENTATIONS", "NAMES"]

@@ -1,0 +1,118 @@
+"""Pallas verification attention (GPU and TPU kernels, run by the Pallas interpreter) against the reference."""
+
+import numpy as np
+import pytest
+import jax
+import jax.numpy as jnp
+
+from kernels_pallas.attention import IMPLEMENTATIONS, cached_attention, resolve_impl
+from tlt_jax.rollout.tree import ancestor_mask
+
+KERNELS = ["pallas_gpu_interpret", "pallas_tpu_interpret"]
+
+
+def _case(rng, b, t, nh, kvh, d, s, dtype=jnp.float32, tree=True):
+    q = jnp.asarray(rng.standard_normal((b, t, nh, d)), dtype)
+    kc = jnp.asarray(rng.standard_normal((b, kvh, s, d)), dtype)
+    vc = jnp.asarray(rng.standard_normal((b, kvh, s, d)), dtype)
+    kn = jnp.asarray(rng.standard_normal((b, t, kvh, d)), dtype)
+    vn = jnp.asarray(rng.standard_normal((b, t, kvh, d)), dtype)
+    if tree:  # a random tree per row: node i's parent is any earlier node (node 0 is the root)
+        parents = np.full((b, t), -1, np.int32)
+        for i in range(1, t):
+            parents[:, i] = rng.integers(0, i, size=b)
+        mask = ancestor_mask(jnp.asarray(parents), t)
+    else:  # an arbitrary mask (each query still sees itself)
+        mask = jnp.asarray(rng.random((b, t, t)) < 0.4) | jnp.eye(t, dtype=bool)[None]
+    prefix = jnp.asarray(rng.integers(0, s + 1, size=b), jnp.int32)
+    return q, kc, vc, prefix, kn, vn, mask
+
+
+@pytest.mark.parametrize("impl", KERNELS)
+@pytest.mark.parametrize("seed", range(4))
+def test_kernels_match_reference_random_shapes(impl, seed):
+    rng = np.random.default_rng(seed)
+    kvh = int(rng.choice([1, 2]))
+    nh = kvh * int(rng.choice([1, 2, 4]))  # GQA groups of 1..4
+    t = int(rng.integers(1, 12))
+    s = int(rng.choice([8, 24, 64, 80, 136]))
+    d = int(rng.choice([8, 16, 32]))
+    b = int(rng.integers(1, 4))
+    args = _case(rng, b, t, nh, kvh, d, s, tree=bool(seed % 2))
+    attend = None if seed % 3 == 0 else s
+    ref = cached_attention(*args, attend_len=attend, impl="reference")
+    out = cached_attention(*args, attend_len=attend, impl=impl)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("impl", KERNELS)
+def test_kernels_edge_prefixes_and_attend_len(impl):
+    """Empty prefix, a full cache, and attend_len shorter than the buffer (slots past it never read)."""
+    rng = np.random.default_rng(7)
+    q, kc, vc, _, kn, vn, mask = _case(rng, 3, 6, 4, 2, 16, 96)
+    attend = 72
+    # garbage past attend_len must not matter
+    kc = kc.at[:, :, attend:].set(1e4)
+    vc = vc.at[:, :, attend:].set(jnp.nan)
+    prefix = jnp.asarray([0, attend, 33], jnp.int32)
+    ref = cached_attention(q, kc, vc, prefix, kn, vn, mask, attend_len=attend, impl="reference")
+    out = cached_attention(q, kc, vc, prefix, kn, vn, mask, attend_len=attend, impl=impl)
+    assert np.isfinite(np.asarray(out)).all()
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("impl", KERNELS)
+def test_kernels_bfloat16(impl):
+    rng = np.random.default_rng(3)
+    args = _case(rng, 2, 5, 4, 1, 32, 48, dtype=jnp.bfloat16)
+    ref = cached_attention(*args, impl="reference").astype(jnp.float32)
+    out = cached_attention(*args, impl=impl).astype(jnp.float32)
+    assert out.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("impl", KERNELS)
+def test_kernel_in_the_verify_forward(impl):
+    """The decoder's verify forward with a kernel gives the reference logits (tiny random model)."""
+    from flax import nnx
+
+    from tlt_jax.models.config import ModelConfig
+    from tlt_jax.models.decoder import Decoder, prefill, verify
+    from tlt_jax.models.kv_cache import init_cache
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=8)
+    model = Decoder(cfg, nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    prompts = jnp.asarray(rng.integers(1, 64, (2, 7)), jnp.int32)
+    cache = init_cache(cfg, 2, 32)
+    _, _, cache = prefill(model, prompts, jnp.ones((2, 7), bool), cache)
+    parents = jnp.asarray([[-1, 0, 0, 1, 2], [-1, 0, 1, 2, 3]], jnp.int32)
+    toks = jnp.asarray(rng.integers(1, 64, (2, 5)), jnp.int32)
+    depth = jnp.asarray([[0, 1, 1, 2, 2], [0, 1, 2, 3, 4]], jnp.int32)
+    pos = cache.lengths[:, None] + depth
+    mask = ancestor_mask(parents, 5)
+    ref = verify(model, toks, pos, mask, cache, attn_impl="reference")
+    out = verify(model, toks, pos, mask, cache, attn_impl=impl)
+    np.testing.assert_allclose(np.asarray(out[0]), np.asarray(ref[0]), atol=1e-4, rtol=1e-4)
+
+
+def test_impl_selection_by_platform():
+    assert resolve_impl("auto", "cpu") == "reference"
+    assert resolve_impl("auto", "gpu") == "pallas_gpu"
+    assert resolve_impl("auto", "tpu") == "pallas_tpu"
+    assert resolve_impl("pallas_tpu_interpret", "cpu") == "pallas_tpu_interpret"
+    with pytest.raises(ValueError, match="needs a GPU backend"):
+        resolve_impl("pallas_gpu", "cpu")
+    with pytest.raises(ValueError, match="unknown attention implementation"):
+        resolve_impl("flash", "cpu")
+    assert set(IMPLEMENTATIONS) >= {"reference", "pallas_gpu", "pallas_tpu"}
+
+
+def test_config_rejects_unknown_attn_impl():
+    from tlt_jax.config import ConfigError, load_config
+
+    assert load_config("tiny").model.attn_impl == "auto"
+    with pytest.raises(ConfigError, match="model.attn_impl"):
+        load_config("tiny", ["--config.model.attn_impl=flash"])
