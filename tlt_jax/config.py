@@ -45,7 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
         tokenizer="",  # '' = the checkpoint's own tokenizer (none for random models)
         param_dtype="float32",
         dtype="float32",
-        attn_impl="reference",
+        attn_impl="auto",  # 'auto' (Pallas kernel on GPU/TPU, jnp reference on CPU), 'reference', 'pallas_gpu', ...
     ))
     c.model.arch = arch_dict()
     c.rollout = ml_collections.ConfigDict(dict(
@@ -58,6 +58,32 @@ def base_config() -> ml_collections.ConfigDict:
         top_p=1.0,
         top_k=0,
         stop_strings=("<|im_end|>",),
+    ))
+    c.speculative = ml_collections.ConfigDict(dict(
+        enable=False,  # the A/B switch: False decodes plainly
+        strategy="chain-4",  # 'chain-D' or 'D_K_V' (depth, top-k, verified tokens), e.g. '6_4_16'
+        proposer="eagle",  # 'eagle' (the learned drafter) or 'ngram' (model-free, chains only)
+        ngram_max=3,
+        ngram_min=1,
+    ))
+    c.drafter = ml_collections.ConfigDict(dict(
+        checkpoint="",  # '' = <cache dir>/drafters/<config name>
+        draft_vocab=8192,  # ids the drafter proposes from (most frequent in its warm-up data); 0 = all
+    ))
+    c.drafter.warmup = ml_collections.ConfigDict(dict(
+        num_prompts=128,  # task prompts answered by the target (self-distillation data)
+        eval_prompts=8,  # held-out prompts for the acceptance estimate
+        max_new_tokens=192,
+        temperatures=(0.0, 1.0),  # answers are generated at these temperatures, in equal shares
+        gen_batch=32,
+        steps=400,
+        batch_size=8,
+        seq_len=256,
+        lr=3e-3,
+        weight_decay=0.1,
+        feature_noise=0.2,  # uniform noise in [-x, x] on the drafter's input features while training
+        time_budget_s=720.0,  # training stops early (and says so) past this budget
+        data_seed=1,
     ))
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))  # -1: all remaining devices
     c.job = ml_collections.ConfigDict(dict(prompts=SAMPLE_PROMPTS, system_prompt=""))
@@ -211,6 +237,33 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     for key in ("param_dtype", "dtype"):
         if cfg.model[key] not in ("float32", "bfloat16", "float16", "float64"):
             raise ConfigError(f"model.{key} must be float32, bfloat16, float16 or float64, got {cfg.model[key]!r}")
+    from kernels_pallas.attention import NAMES as ATTN_IMPLS
+
+    if cfg.model.attn_impl not in ATTN_IMPLS:
+        raise ConfigError(f"model.attn_impl must be one of {list(ATTN_IMPLS)}, got {cfg.model.attn_impl!r}")
+    sp = cfg.speculative
+    from tlt_jax.rollout.tree import SpecStrategy  # local: keeps config import light
+
+    strategy = SpecStrategy.parse(sp.strategy)
+    if sp.proposer not in ("eagle", "ngram"):
+        raise ConfigError(f"speculative.proposer must be 'eagle' or 'ngram', got {sp.proposer!r}")
+    if sp.proposer == "ngram" and not strategy.is_chain:
+        raise ConfigError(f"speculative.proposer 'ngram' drafts chains only; got strategy {sp.strategy!r}")
+    if not 1 <= int(sp.ngram_min) <= int(sp.ngram_max):
+        raise ConfigError(f"need 1 <= speculative.ngram_min <= speculative.ngram_max, got "
+                          f"{sp.ngram_min}, {sp.ngram_max}")
+    if int(cfg.drafter.draft_vocab) < 0:
+        raise ConfigError(f"drafter.draft_vocab must be >= 0 (0 = full vocabulary), got {cfg.drafter.draft_vocab}")
+    w = cfg.drafter.warmup
+    for key in ("num_prompts", "eval_prompts", "max_new_tokens", "gen_batch", "steps", "batch_size", "seq_len"):
+        if int(w[key]) < 1:
+            raise ConfigError(f"drafter.warmup.{key} must be >= 1, got {w[key]}")
+    if not w.temperatures or any(float(t) < 0 for t in w.temperatures):
+        raise ConfigError(f"drafter.warmup.temperatures must be non-negative values, got {w.temperatures}")
+    if float(w.lr) <= 0 or float(w.time_budget_s) <= 0:
+        raise ConfigError("drafter.warmup.lr and drafter.warmup.time_budget_s must be positive")
+    if float(w.weight_decay) < 0 or float(w.feature_noise) < 0:
+        raise ConfigError("drafter.warmup.weight_decay and drafter.warmup.feature_noise must be >= 0")
     if not cfg.model.checkpoint:
         model_config_from_arch(cfg)  # raises on a bad architecture
 

@@ -1,0 +1,155 @@
+"""Speculative rollout: strategies, tree shapes, the n-gram proposer, bad input, and greedy losslessness."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tests.helpers import train_drafter
+from tlt_jax.config import load_config, model_config_from_arch
+from tlt_jax.errors import ConfigError, InputError
+from tlt_jax.models import Decoder
+from tlt_jax.models.drafter import Drafter
+from tlt_jax.rollout import RolloutSpec, generate
+from tlt_jax.rollout.ngram import propose_ngram
+from tlt_jax.rollout.speculative import SpeculativeSpec, generate_speculative, grow_tree
+from tlt_jax.rollout.tree import SpecStrategy, ancestor_mask
+
+
+def test_strategy_parse_and_limits():
+    s = SpecStrategy.parse("chain-4")
+    assert (s.depth, s.top_k, s.num_verify, s.name) == (4, 1, 5, "chain-4")
+    t = SpecStrategy.parse("6_4_16")
+    assert (t.depth, t.top_k, t.num_verify, t.name, t.max_nodes) == (6, 4, 16, "6_4_16", 4 + 5 * 16)
+    with pytest.raises(ConfigError, match="at most 3"):
+        SpecStrategy.parse("3_1_5")  # a chain of depth 3 has 3 draft nodes
+    with pytest.raises(ConfigError, match="at most 84"):
+        SpecStrategy(depth=6, top_k=4, num_verify=86)
+    for bad in ("chain-0", "tree", "6-4-16", "0_2_3"):
+        with pytest.raises(ConfigError):
+            SpecStrategy.parse(bad)
+    with pytest.raises(ConfigError, match="chains only"):
+        SpeculativeSpec(SpecStrategy.parse("4_2_8"), proposer="ngram")
+    with pytest.raises(ConfigError, match="proposer"):
+        SpeculativeSpec(proposer="medusa")
+    with pytest.raises(ValueError, match="acceptance"):
+        SpeculativeSpec(acceptance="nope")
+
+
+def test_config_speculative_section_checked():
+    with pytest.raises(ConfigError, match="at most"):
+        load_config("tiny", ["speculative.strategy=2_2_9"])
+    with pytest.raises(ConfigError, match="chains only"):
+        load_config("tiny", ["speculative.proposer=ngram", "speculative.strategy=6_4_16"])
+    assert load_config("tiny", ["speculative.strategy=8_4_32"]).speculative.strategy == "8_4_32"
+
+
+def test_ngram_proposes_continuation_of_latest_match():
+    hist = np.zeros((3, 16), np.int32)
+    hist[0, :10] = [5, 6, 7, 8, 1, 5, 6, 9, 4, 5]  # last "5": latest earlier "5" at 5 -> 6, 9, 4
+    hist[1, :8] = [1, 2, 3, 4, 1, 2, 3, 7]  # "3" seen at 2 -> 4 1 2
+    hist[2, :4] = [9, 8, 7, 6]  # no match: the root repeated
+    lengths = jnp.asarray([10, 7, 4])  # row 1: last token is the 3 at position 6
+    out = np.asarray(propose_ngram(jnp.asarray(hist), lengths, depth=3, max_n=3, min_n=1))
+    np.testing.assert_array_equal(out[0], [6, 9, 4])
+    np.testing.assert_array_equal(out[1], [4, 1, 2])  # the 3-gram "1 2 3" matches at 0..2
+    np.testing.assert_array_equal(out[2], [6, 6, 6])
+    # a continuation that runs into the present stops at the last valid token (then pads with the root)
+    hist2 = np.zeros((1, 8), np.int32)
+    hist2[0, :5] = [3, 4, 3, 4, 3]
+    out2 = np.asarray(propose_ngram(jnp.asarray(hist2), jnp.asarray([5]), depth=4))
+    np.testing.assert_array_equal(out2[0], [4, 3, 3, 3])
+
+
+def _tiny(dtype="float32", vocab=None, seed=0):
+    over = [f"model.dtype={dtype}", f"model.param_dtype={dtype}"]
+    if vocab:
+        over.append(f"model.arch.vocab_size={vocab}")
+    cfg = model_config_from_arch(load_config("tiny", over))
+    return Decoder(cfg, nnx.Rngs(seed))
+
+
+@pytest.mark.parametrize("strategy", ["chain-3", "3_3_9", "4_2_7"])
+def test_grow_tree_is_a_valid_tree(strategy):
+    from tlt_jax.models.drafter import init_drafter_cache
+
+    model = _tiny()
+    strat = SpecStrategy.parse(strategy)
+    drafter = Drafter(model.cfg, nnx.Rngs(3))
+    b = 3
+    dcache = init_drafter_cache(model.cfg, b, 32).replace(lengths=jnp.asarray([0, 5, 9], jnp.int32))
+    hidden = jax.random.normal(jax.random.PRNGKey(0), (b, model.cfg.hidden_size))
+    tree = grow_tree(drafter, model, drafter.head_weight(model), dcache, hidden, jnp.asarray([1, 2, 3]), strat)
+    toks, par, dep = (np.asarray(x) for x in tree)
+    assert toks.shape == (b, strat.num_verify)
+    for r in range(b):
+        assert par[r, 0] == -1 and dep[r, 0] == 0
+        for i in range(1, strat.num_verify):
+            assert 0 <= par[r, i] < i  # parents come first
+            assert dep[r, i] == dep[r, par[r, i]] + 1 <= strat.depth
+        for p in set(par[r, 1:]):  # siblings carry distinct tokens
+            sib = toks[r, 1:][par[r, 1:] == p]
+            assert len(set(sib.tolist())) == len(sib)
+    mask = np.asarray(ancestor_mask(tree.parents, strat.depth))
+    for r in range(b):
+        for i in range(strat.num_verify):
+            anc, j = {i}, i
+            while par[r, j] >= 0:
+                j = par[r, j]
+                anc.add(j)
+            assert set(np.nonzero(mask[r, i])[0].tolist()) == anc
+
+
+def test_bad_input_errors(tmp_path):
+    model = _tiny()
+    spec = RolloutSpec(max_new_tokens=8)
+    prompts = [[1, 2, 3, 4, 5, 6]]
+    with pytest.raises(InputError, match="does not fit a KV cache"):
+        generate_speculative(model, prompts, spec, SpeculativeSpec(SpecStrategy.parse("8_4_32")),
+                             Drafter(model.cfg, nnx.Rngs(0)), cache_len=32)
+    with pytest.raises(InputError, match="needs a drafter"):
+        generate_speculative(model, prompts, spec, SpeculativeSpec())
+    other = Decoder(model.cfg.replace(hidden_size=32, intermediate_size=64), nnx.Rngs(0))
+    with pytest.raises(InputError, match="another target"):
+        generate_speculative(model, prompts, spec, SpeculativeSpec(), Drafter(other.cfg, nnx.Rngs(0)))
+
+
+def _prompts(vocab, sizes, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab, size=n).tolist() for n in sizes]
+
+
+@pytest.mark.lossless
+def test_greedy_speculative_equals_plain_float64():
+    """Float64: greedy speculation (chain and trees, warmed and bad drafter, n-gram) == plain greedy decoding,
+    including rows that stop on a stop token or their own length limit inside an accepted run."""
+    with jax.enable_x64(True):
+        model = _tiny("float64", seed=1)
+        prompts = _prompts(model.cfg.vocab_size, (3, 7, 12, 5))
+        warm, metrics = train_drafter(model, _prompts(model.cfg.vocab_size, [6] * 16, seed=5) + prompts,
+                                      steps=120, new_tokens=40)
+        bad = Drafter(model.cfg, nnx.Rngs(7))
+        base = RolloutSpec(max_new_tokens=40, chunk_steps=4)
+        plain = generate(model, prompts, base)
+        # stop tokens taken from the middle of the plain answers, and per-row limits
+        stops = tuple({int(plain.tokens[0][9]), int(plain.tokens[2][17])})
+        limits = [40, 13, 29, 6]
+        specs = [(base, None), (RolloutSpec(max_new_tokens=40, chunk_steps=4, stop_tokens=stops), limits)]
+        accept = {}
+        for spec, lim in specs:
+            ref = generate(model, prompts, spec, max_new=lim)
+            for name, drafter, prop in [("warm", warm, "eagle"), ("bad", bad, "eagle"), ("ngram", None, "ngram")]:
+                strategies = ["chain-4"] if prop == "ngram" else ["chain-4", "4_3_10", "3_2_6"]
+                for strat in strategies:
+                    sspec = SpeculativeSpec(SpecStrategy.parse(strat), proposer=prop)
+                    out = generate_speculative(model, prompts, spec, sspec, drafter, max_new=lim)
+                    assert out.result.tokens == ref.tokens, (name, strat)
+                    assert out.result.finish_reasons == ref.finish_reasons, (name, strat)
+                    for a, b in zip(out.result.logprobs, ref.logprobs):
+                        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)  # stored as float32
+                    accept[(name, strat, lim is None)] = out.accept_len
+        # the warmed drafter really speculates (long accepted runs), the bad one barely
+        assert accept[("warm", "4_3_10", True)] > 2.0, accept
+        assert accept[("warm", "chain-4", True)] > accept[("bad", "chain-4", True)], accept
+        assert ref.finish_reasons.count("stop") >= 1 and "length" in ref.finish_reasons

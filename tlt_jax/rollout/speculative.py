@@ -1,0 +1,384 @@
+"""Lossless speculative rollout: a jitted chunk of draft / verify steps.
+
+One step, per row (all static shapes, finished rows frozen by their ``done`` flag):
+
+1. **Draft.** The EAGLE drafter grows a tree of depth D with top-k K (EAGLE-2: expand the K best nodes of
+   each level by cumulative draft log-probability, then keep the V - 1 best of all candidates); K = 1 is a
+   chain. The n-gram proposer drafts a chain from the row's own history instead.
+2. **Verify.** The target scores the root and the V - 1 nodes in one forward (tree mask over cache + tree).
+3. **Accept.** Target-only acceptance (``acceptance.py``) commits the accepted drafts and a bonus token; a row
+   that meets a stop token, its length limit or a full cache inside the run stops exactly there.
+4. **Commit.** The accepted path's keys/values are gathered into the next cache slots, and the drafter is
+   extended over the committed tokens with the target's hidden states (its cache and last feature).
+
+The state also counts per row the target forwards (``verifies``) and accepted drafts (``accepted``):
+acceptance length = committed tokens / target forwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Callable, List, NamedTuple, Optional, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tlt_jax.errors import ConfigError, InputError
+from tlt_jax.models.decoder import Decoder, prefill, verify
+from tlt_jax.models.drafter import Drafter, init_drafter_cache
+from tlt_jax.models.kv_cache import KVCache, init_cache
+from tlt_jax.rollout.acceptance import get_rule
+from tlt_jax.rollout.decode import (FINISH_CACHE, FINISH_LENGTH, FINISH_NAMES, FINISH_RUNNING, FINISH_STOP,
+                                    RolloutResult, RolloutSpec, _constrain_cache, prepare_batch)
+from tlt_jax.rollout.ngram import propose_ngram
+from tlt_jax.rollout.sampling import sample
+from tlt_jax.rollout.tree import DraftTree, SpecStrategy, ancestor_mask, chain_tree
+
+PROPOSERS = ("eagle", "ngram")
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeculativeSpec:
+    """Static settings of speculation (hashable): the strategy, the proposer and the acceptance rule."""
+
+    strategy: SpecStrategy = SpecStrategy(depth=4)
+    proposer: str = "eagle"
+    acceptance: str = "exact"
+    ngram_max: int = 3
+    ngram_min: int = 1
+
+    def __post_init__(self):
+        if self.proposer not in PROPOSERS:
+            raise ConfigError(f"unknown draft proposer {self.proposer!r}; choose one of {PROPOSERS}")
+        if self.proposer == "ngram" and not self.strategy.is_chain:
+            raise ConfigError(f"the n-gram proposer drafts chains only (top_k 1); got strategy "
+                              f"{self.strategy.name}")
+        if not 1 <= self.ngram_min <= self.ngram_max:
+            raise ConfigError(f"need 1 <= ngram_min <= ngram_max, got {self.ngram_min}, {self.ngram_max}")
+        get_rule(self.acceptance)
+
+
+@flax.struct.dataclass
+class SpecState:
+    cache: KVCache  # target cache: positions < lengths; the root (next_token) is at position lengths
+    dcache: Optional[KVCache]  # drafter cache: pairs (f_t, x_{t+1}) at positions t < lengths (EAGLE only)
+    draft_hidden: jax.Array  # [B, H] drafter output at its last position (estimate of the root's feature)
+    history: jax.Array  # [B, S + 1] tokens by position, the root included (n-gram lookup)
+    next_token: jax.Array  # [B] the root: last committed token
+    tokens: jax.Array  # [B, N]
+    logprobs: jax.Array  # [B, N]
+    num_tokens: jax.Array  # [B]
+    done: jax.Array  # [B]
+    finish: jax.Array  # [B]
+    max_new: jax.Array  # [B]
+    accepted: jax.Array  # [B] accepted draft tokens
+    verifies: jax.Array  # [B] target forwards while the row was running
+    rng: jax.Array
+
+
+# ------------------------------------------------------------------------------------------------ drafting
+
+
+def grow_tree(drafter: Drafter, target: Decoder, head_w: jax.Array, dcache: KVCache, draft_hidden: jax.Array,
+              root: jax.Array, strategy: SpecStrategy) -> DraftTree:
+    """EAGLE-2 dynamic tree from the drafter's last feature. Returns a DraftTree of V nodes."""
+    d_max, k, v = strategy.depth, strategy.top_k, strategy.num_verify
+    b, h = draft_hidden.shape
+    n = dcache.lengths  # the root sits at target position n
+    logq = jax.nn.log_softmax(drafter.logits(draft_hidden, head_w), axis=-1)  # [B, N]
+    score, idx = jax.lax.top_k(logq, k)  # level 1
+    tok = drafter.to_token_ids(idx)
+    pool_tok, pool_score, pool_parent, pool_depth = [tok], [score], [jnp.full((b, k), -1, jnp.int32)], [1]
+    front_pool = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32)[None], (b, k))
+    front_tok, front_score = tok, score
+    front_feat = jnp.broadcast_to(draft_hidden[:, None, :], (b, k, h))
+    n_exp = (d_max - 1) * k  # expanded nodes (levels 1 .. D-1)
+    front_anc = jnp.zeros((b, k, max(n_exp, 1)), bool)
+    exp_k = exp_v = None
+    offset = k
+    for level in range(1, d_max):
+        slot0 = (level - 1) * k
+        own = jnp.arange(max(n_exp, 1))[None, None, :] == (slot0 + jnp.arange(k))[None, :, None]
+        front_anc = front_anc | own
+        mask = jnp.concatenate([front_anc[:, :, :slot0], jnp.eye(k, dtype=bool)[None].repeat(b, 0)], axis=2)
+        positions = jnp.broadcast_to((n + level - 1)[:, None], (b, k)).astype(jnp.int32)
+        extra = None if exp_k is None else (exp_k, exp_v)
+        hid, (kk, vv), _ = drafter(target, front_tok, front_feat, positions, mask, dcache, extra_kv=extra)
+        exp_k = kk if exp_k is None else jnp.concatenate([exp_k, kk], axis=1)
+        exp_v = vv if exp_v is None else jnp.concatenate([exp_v, vv], axis=1)
+        logq = jax.nn.log_softmax(drafter.logits(hid, head_w), axis=-1)  # [B, K, N]
+        s_child, i_child = jax.lax.top_k(logq, k)  # [B, K, K]
+        cum = (front_score[:, :, None] + s_child).reshape(b, k * k)
+        c_tok = drafter.to_token_ids(i_child).reshape(b, k * k)
+        c_parent = jnp.repeat(front_pool, k, axis=1)  # pool index of each candidate's parent
+        pool_tok.append(c_tok)
+        pool_score.append(cum)
+        pool_parent.append(c_parent)
+        pool_depth.append(level + 1)
+        if level < d_max - 1:  # next frontier: the K best candidates of this level
+            best_score, best = jax.lax.top_k(cum, k)
+            par = best // k  # frontier index of the parent
+            front_pool = offset + best.astype(jnp.int32)
+            front_tok = jnp.take_along_axis(c_tok, best, axis=1)
+            front_score = best_score
+            front_feat = jnp.take_along_axis(hid, par[:, :, None], axis=1)
+            front_anc = jnp.take_along_axis(front_anc, par[:, :, None], axis=1)
+        offset += k * k
+    p_tok = jnp.concatenate(pool_tok, axis=1)
+    p_score = jnp.concatenate(pool_score, axis=1)
+    p_parent = jnp.concatenate(pool_parent, axis=1)
+    p_depth = jnp.concatenate([jnp.full((b, t.shape[1]), dd, jnp.int32) for t, dd in zip(pool_tok, pool_depth)],
+                              axis=1)
+    # The V - 1 best candidates; a child never outranks its parent (scores only fall along a path and ties go
+    # to the lower pool index), so the kept set is a tree. Sorting by pool index keeps parents first.
+    _, sel = jax.lax.top_k(p_score, v - 1)
+    sel = jnp.sort(sel, axis=1).astype(jnp.int32)
+    pool_size = p_tok.shape[1]
+    inv = jnp.full((b, pool_size), -2, jnp.int32)
+    inv = inv.at[jnp.arange(b)[:, None], sel].set(jnp.arange(1, v, dtype=jnp.int32)[None])
+    sel_parent = jnp.take_along_axis(p_parent, sel, axis=1)
+    parent_tree = jnp.where(sel_parent < 0, 0, jnp.take_along_axis(inv, jnp.maximum(sel_parent, 0), axis=1))
+    tokens = jnp.concatenate([root[:, None], jnp.take_along_axis(p_tok, sel, axis=1)], axis=1)
+    parents = jnp.concatenate([jnp.full((b, 1), -1, jnp.int32), parent_tree], axis=1)
+    depth = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), jnp.take_along_axis(p_depth, sel, axis=1)], axis=1)
+    return DraftTree(tokens.astype(jnp.int32), parents, depth)
+
+
+def _extend_drafter(drafter: Drafter, target: Decoder, dcache: KVCache, feats, tokens, count, active):
+    """Appends pairs (feats[:, j], tokens[:, j]) for j < count at positions lengths + j to the drafter cache.
+
+    Returns (dcache', drafter output at the last appended pair [B, H]).
+    """
+    b, w = tokens.shape
+    j = jnp.arange(w, dtype=jnp.int32)[None, :]
+    valid = (j < count[:, None]) & active[:, None]
+    pos = dcache.lengths[:, None] + j
+    slots = jnp.where(valid, pos, dcache.max_len)
+    mask = jnp.tril(jnp.ones((w, w), bool))[None] & (valid[:, None, :] | jnp.eye(w, dtype=bool)[None])
+    hid, _, dcache = drafter(target, tokens, feats, pos.astype(jnp.int32), mask, dcache,
+                             write_slots=slots.astype(jnp.int32))
+    last = jnp.maximum(count - 1, 0)
+    out = jnp.take_along_axis(hid, last[:, None, None], axis=1)[:, 0]
+    dcache = dcache.replace(lengths=dcache.lengths + jnp.where(active, count, 0))
+    return dcache, out
+
+
+# ------------------------------------------------------------------------------------------------ programs
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "dgraphdef", "spec", "sspec", "cache_len"))
+def start_speculative(params, dparams, prompt_tokens, prompt_valid, max_new, rng, *, graphdef, dgraphdef,
+                      spec: RolloutSpec, sspec: SpeculativeSpec, cache_len: int) -> SpecState:
+    """Prefill the target (and the drafter over the prompt's (feature, next token) pairs); first token."""
+    model: Decoder = nnx.merge(graphdef, params)
+    b, p = prompt_tokens.shape
+    cache = _constrain_cache(init_cache(model.cfg, b, cache_len))
+    valid = prompt_valid.astype(bool)
+    logits_all, hidden, cache = prefill(model, prompt_tokens, valid, cache, all_logits=False, use_prefix=False,
+                                        attn_impl=spec.attn_impl)
+    rng, key = jax.random.split(rng)
+    tok, lp = sample(key, logits_all[:, 0], spec.sampling)
+    n = cache.lengths
+    rank = jnp.cumsum(valid, axis=1) - 1
+    rows = jnp.arange(b)
+    history = jnp.zeros((b, cache_len + 1), jnp.int32)
+    history = history.at[rows[:, None], jnp.where(valid, rank, cache_len + 1)].set(prompt_tokens, mode="drop")
+    history = history.at[rows, n].set(tok)
+    if sspec.proposer == "eagle":
+        drafter: Drafter = nnx.merge(dgraphdef, dparams)
+        # Pair at prompt index t: (f_t, next valid token), the sampled token after the last valid one.
+        last = jnp.argmax(jnp.where(valid, jnp.arange(p)[None], -1), axis=1)
+        nxt = jnp.concatenate([prompt_tokens[:, 1:], prompt_tokens[:, -1:]], axis=1)
+        nxt = jnp.where(jnp.arange(p)[None] == last[:, None], tok[:, None], nxt)
+        dcache = init_drafter_cache(model.cfg, b, cache_len)
+        mask = (jnp.tril(jnp.ones((p, p), bool))[None] & valid[:, None, :]) | jnp.eye(p, dtype=bool)[None]
+        positions = jnp.maximum(rank, 0).astype(jnp.int32)
+        slots = jnp.where(valid, positions, cache_len).astype(jnp.int32)
+        hid, _, dcache = drafter(model, nxt, hidden, positions, mask, dcache, write_slots=slots, read_cache=False)
+        dcache = dcache.replace(lengths=n)
+        draft_hidden = jnp.take_along_axis(hid, last[:, None, None], axis=1)[:, 0]
+    else:
+        dcache = None
+        draft_hidden = jnp.zeros((b, 1), hidden.dtype)
+    nmax = spec.max_new_tokens
+    tokens = jnp.zeros((b, nmax), jnp.int32).at[:, 0].set(tok)
+    logprobs = jnp.zeros((b, nmax), jnp.float32).at[:, 0].set(lp.astype(jnp.float32))
+    num = jnp.ones((b,), jnp.int32)
+    stop = _is_stop(tok, spec)
+    reason = jnp.where(stop, FINISH_STOP, jnp.where(num >= max_new, FINISH_LENGTH,
+                                                     jnp.where(n >= cache_len, FINISH_CACHE, FINISH_RUNNING)))
+    zeros = jnp.zeros((b,), jnp.int32)
+    return SpecState(cache=cache, dcache=dcache, draft_hidden=draft_hidden, history=history, next_token=tok,
+                     tokens=tokens, logprobs=logprobs, num_tokens=num, done=reason != FINISH_RUNNING,
+                     finish=reason, max_new=max_new, accepted=zeros, verifies=zeros, rng=rng)
+
+
+def _is_stop(tok, spec: RolloutSpec):
+    if not spec.stop_tokens:
+        return jnp.zeros(tok.shape, bool)
+    return jnp.isin(tok, jnp.asarray(spec.stop_tokens, jnp.int32))
+
+
+def speculative_step(model: Decoder, drafter: Optional[Drafter], head_w, st: SpecState, spec: RolloutSpec,
+                     sspec: SpeculativeSpec) -> SpecState:
+    strat = sspec.strategy
+    d_max = strat.depth
+    b = st.next_token.shape[0]
+    rows = jnp.arange(b)
+    active = ~st.done
+    cache = st.cache
+    n = cache.lengths
+    s_max = cache.max_len
+    # 1. draft
+    if sspec.proposer == "eagle":
+        tree = grow_tree(drafter, model, head_w, st.dcache, st.draft_hidden, st.next_token, strat)
+    else:
+        drafts = propose_ngram(st.history, n + 1, d_max, sspec.ngram_max, sspec.ngram_min)
+        tree = chain_tree(st.next_token, drafts)
+    # 2. verify
+    mask = ancestor_mask(tree.parents, d_max)
+    positions = (n[:, None] + tree.depth).astype(jnp.int32)
+    logits, hidden, new_kv = verify(model, tree.tokens, positions, mask, cache, attn_impl=spec.attn_impl)
+    # 3. accept
+    rng, key = jax.random.split(st.rng)
+    acc = get_rule(sspec.acceptance)(key, logits, tree, spec.sampling, d_max)
+    w = d_max + 1
+    j = jnp.arange(w, dtype=jnp.int32)[None, :]
+    emitted = acc.num_accepted + 1
+    stop_at = jnp.where(_is_stop(acc.tokens, spec) & (j < emitted[:, None]), j, w)
+    first_stop = jnp.min(stop_at, axis=1)
+    count = jnp.minimum(emitted, first_stop + 1)
+    count = jnp.minimum(count, st.max_new - st.num_tokens)
+    count = jnp.minimum(count, s_max - n)
+    count = jnp.where(active, jnp.maximum(count, 0), 0)
+    # record the committed tokens
+    cols = jnp.where(j < count[:, None], st.num_tokens[:, None] + j, st.tokens.shape[1])
+    tokens = st.tokens.at[rows[:, None], cols].set(acc.tokens, mode="drop")
+    logprobs = st.logprobs.at[rows[:, None], cols].set(acc.logprobs.astype(st.logprobs.dtype), mode="drop")
+    num = st.num_tokens + count
+    hist_cols = jnp.where(j < count[:, None], n[:, None] + 1 + j, st.history.shape[1])
+    history = st.history.at[rows[:, None], hist_cols].set(acc.tokens, mode="drop")
+    last_tok = jnp.take_along_axis(acc.tokens, jnp.maximum(count - 1, 0)[:, None], axis=1)[:, 0]
+    new_len = n + count
+    reason = jnp.where(_is_stop(last_tok, spec), FINISH_STOP,
+                       jnp.where(num >= st.max_new, FINISH_LENGTH,
+                                 jnp.where(new_len >= s_max, FINISH_CACHE, FINISH_RUNNING)))
+    newly = active & (reason != FINISH_RUNNING)
+    # 4. commit: the root and the accepted nodes (count entries) go to slots n .. n + count - 1
+    slots = jnp.where(j < count[:, None], n[:, None] + j, s_max).astype(jnp.int32)
+    path = acc.path
+    ks, vs = [], []
+    for layer, (k_new, v_new) in enumerate(new_kv):
+        kp = jnp.take_along_axis(k_new, path[:, :, None, None], axis=1)  # [B, W, KVH, D]
+        vp = jnp.take_along_axis(v_new, path[:, :, None, None], axis=1)
+        kc, vc = _scatter(cache.k[layer], cache.v[layer], kp, vp, slots)
+        ks.append(kc)
+        vs.append(vc)
+    cache = cache.replace(k=tuple(ks), v=tuple(vs), lengths=new_len)
+    dcache, draft_hidden = st.dcache, st.draft_hidden
+    if sspec.proposer == "eagle":
+        feats = jnp.take_along_axis(hidden, path[:, :, None], axis=1)  # target features of root + accepted
+        dcache, out = _extend_drafter(drafter, model, dcache, feats, acc.tokens, count, active & ~newly)
+        draft_hidden = jnp.where((active & ~newly)[:, None], out.astype(draft_hidden.dtype), draft_hidden)
+    return st.replace(cache=cache, dcache=dcache, draft_hidden=draft_hidden, history=history,
+                      next_token=jnp.where(active, last_tok, st.next_token), tokens=tokens, logprobs=logprobs,
+                      num_tokens=num, done=st.done | newly, finish=jnp.where(newly, reason, st.finish),
+                      accepted=st.accepted + jnp.where(active, jnp.minimum(acc.num_accepted, count), 0),
+                      verifies=st.verifies + active.astype(jnp.int32), rng=rng)
+
+
+def _scatter(k_cache, v_cache, k, v, slots):
+    b, t, kvh, _ = k.shape
+    idx = (jnp.arange(b)[:, None, None], jnp.arange(kvh)[None, None, :], slots[:, :, None])
+    return (k_cache.at[idx].set(k.astype(k_cache.dtype), mode="drop"),
+            v_cache.at[idx].set(v.astype(v_cache.dtype), mode="drop"))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "dgraphdef", "spec", "sspec"), donate_argnames=("state",))
+def speculative_chunk(params, dparams, state: SpecState, *, graphdef, dgraphdef, spec: RolloutSpec,
+                      sspec: SpeculativeSpec) -> SpecState:
+    """At most ``spec.chunk_steps`` draft/verify steps; returns early when every row is done."""
+    model: Decoder = nnx.merge(graphdef, params)
+    drafter = nnx.merge(dgraphdef, dparams) if sspec.proposer == "eagle" else None
+    head_w = drafter.head_weight(model) if drafter is not None else None  # once per chunk
+
+    def cond(carry):
+        i, st = carry
+        return (i < spec.chunk_steps) & ~jnp.all(st.done)
+
+    def body(carry):
+        i, st = carry
+        return i + 1, speculative_step(model, drafter, head_w, st, spec, sspec)
+
+    _, state = jax.lax.while_loop(cond, body, (jnp.int32(0), state))
+    return state
+
+
+# ------------------------------------------------------------------------------------------------ host
+
+
+class SpecResult(NamedTuple):
+    result: RolloutResult
+    accepted: np.ndarray  # [B] accepted draft tokens per row
+    verifies: np.ndarray  # [B] target forwards per row
+
+    @property
+    def accept_len(self) -> float:
+        """Committed tokens per target forward (the first token, from the prefill, not counted)."""
+        fwd = int(self.verifies.sum())
+        return float((self.result.lengths.sum() - len(self.result.lengths)) / fwd) if fwd else 0.0
+
+
+def check_drafter(model: Decoder, drafter: Optional[Drafter], sspec: SpeculativeSpec) -> None:
+    if sspec.proposer != "eagle":
+        return
+    if drafter is None:
+        raise InputError("the EAGLE proposer needs a drafter (train one with `python -m tlt_jax.drafter.warmup`)")
+    a, b = model.cfg, drafter.cfg
+    keys = ("hidden_size", "vocab_size", "num_heads", "num_kv_heads", "head_dim", "intermediate_size")
+    diff = [f"{k}: target {getattr(a, k)} vs drafter {getattr(b, k)}" for k in keys if getattr(a, k) != getattr(b, k)]
+    if diff:
+        raise InputError("the drafter was built for another target (" + "; ".join(diff) + ")")
+
+
+def generate_speculative(model: Decoder, prompts: Sequence[Sequence[int]], spec: RolloutSpec,
+                         sspec: SpeculativeSpec, drafter: Optional[Drafter] = None, *, seed: int = 0,
+                         cache_len: Optional[int] = None, max_new: Optional[Sequence[int]] = None,
+                         pad_side: str = "left", on_chunk: Optional[Callable[[SpecState], None]] = None
+                         ) -> SpecResult:
+    """Runs a speculative rollout to completion; same outputs as :func:`generate` plus acceptance counts."""
+    check_drafter(model, drafter, sspec)
+    batch = prepare_batch(model, prompts, spec, cache_len=cache_len, max_new=max_new, pad_side=pad_side)
+    if sspec.strategy.num_verify + batch.longest > batch.cache_len:
+        raise InputError(f"strategy {sspec.strategy.name} verifies {sspec.strategy.num_verify} tokens per step, "
+                         f"which with a {batch.longest}-token prompt does not fit a KV cache of {batch.cache_len} "
+                         f"slots")
+    graphdef, params = nnx.split(model)
+    dgraphdef, dparams = nnx.split(drafter) if sspec.proposer == "eagle" else (None, None)
+    t0 = time.perf_counter()
+    st = start_speculative(params, dparams, batch.tokens, batch.valid, batch.limits, jax.random.PRNGKey(seed),
+                           graphdef=graphdef, dgraphdef=dgraphdef, spec=spec, sspec=sspec,
+                           cache_len=batch.cache_len)
+    done = np.asarray(st.done)
+    t1 = time.perf_counter()
+    chunks = 0
+    while not done.all():
+        st = speculative_chunk(params, dparams, st, graphdef=graphdef, dgraphdef=dgraphdef, spec=spec, sspec=sspec)
+        chunks += 1
+        done = np.asarray(st.done)
+        if on_chunk is not None:
+            on_chunk(st)
+    t2 = time.perf_counter()
+    b = len(prompts)
+    num = np.asarray(st.num_tokens)
+    all_toks, all_lp, finish = np.asarray(st.tokens), np.asarray(st.logprobs), np.asarray(st.finish)
+    result = RolloutResult(tokens=[all_toks[i, :num[i]].tolist() for i in range(b)],
+                           logprobs=[all_lp[i, :num[i]] for i in range(b)], lengths=num,
+                           finish_reasons=[FINISH_NAMES[int(f)] for f in finish], prefill_s=t1 - t0,
+                           decode_s=t2 - t1, num_chunks=chunks)
+    return SpecResult(result, np.asarray(st.accepted), np.asarray(st.verifies))
