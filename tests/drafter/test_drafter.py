@@ -1,0 +1,94 @@
+"""The EAGLE drafter: shared embedding/head, training signal, checkpoints tied to their target, warm-up CLI."""
+
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tests.helpers import tiny_model, train_drafter
+from tlt_jax.drafter.io import load_drafter, save_drafter
+from tlt_jax.drafter.warmup import choose_draft_vocab
+from tlt_jax.errors import CheckpointError
+from tlt_jax.models import Decoder
+from tlt_jax.models.drafter import Drafter
+
+
+def _prompts(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(1, 200, size=int(rng.integers(4, 10))).tolist() for _ in range(n)]
+
+
+def test_drafter_owns_no_embedding_or_head():
+    cfg, model = tiny_model()
+    d = Drafter(cfg, nnx.Rngs(0), draft_vocab=np.arange(0, 64))
+    names = {"/".join(map(str, k)) for k, _ in nnx.to_flat_state(nnx.state(d, nnx.Param))}
+    assert not any("embed" in n or "lm_head" in n for n in names), names
+    n_params = sum(x.size for x in jax.tree.leaves(nnx.state(d, nnx.Param)))
+    n_layer = sum(x.size for x in jax.tree.leaves(nnx.state(model.layers[0], nnx.Param)))
+    assert n_params < n_layer + 2 * cfg.hidden_size * cfg.hidden_size + cfg.hidden_size + 1
+    w = d.head_weight(model)  # the policy's own head rows, gathered
+    head = model.embed_tokens.embedding[...] if cfg.tie_embeddings else model.lm_head.kernel[...].T
+    np.testing.assert_array_equal(np.asarray(w), np.asarray(head[:64]))
+
+
+def test_training_lowers_the_loss_and_agrees_with_the_target():
+    cfg, model = tiny_model()
+    prompts = _prompts(8)
+    _, first = train_drafter(model, prompts, steps=1, new_tokens=16)
+    drafter, last = train_drafter(model, prompts, steps=120, new_tokens=16)
+    assert last["loss"] < 0.5 * first["loss"], (first, last)
+    assert last["top1"] > first["top1"] + 0.2, (first, last)
+
+
+def test_draft_vocabulary_keeps_stop_tokens_and_frequent_ids():
+    answers = [[5, 5, 5, 7, 9], [5, 7, 11]]
+    ids = choose_draft_vocab(answers, 3, 32, always=(31,))
+    assert ids.tolist() == [5, 7, 31]
+    assert choose_draft_vocab(answers, 0, 32) is None
+
+
+def test_save_load_roundtrip_and_other_target_rejected(tmp_path):
+    cfg, model = tiny_model()
+    d = Drafter(cfg, nnx.Rngs(3), draft_vocab=np.arange(10, 90))
+    save_drafter(str(tmp_path / "d"), d, model, step=5, extra={"note": "x"})
+    back, meta = load_drafter(str(tmp_path / "d"), model)
+    assert meta["extra"]["note"] == "x"
+    for a, b in zip(jax.tree.leaves(nnx.state(d)), jax.tree.leaves(nnx.state(back))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # a same-shaped target with other weights
+    other = Decoder(cfg, nnx.Rngs(123))
+    with pytest.raises(CheckpointError, match="another target of the same shape"):
+        load_drafter(str(tmp_path / "d"), other)
+    # a target of another shape
+    bigger = Decoder(cfg.replace(hidden_size=cfg.hidden_size * 2, head_dim=cfg.head_dim * 2), nnx.Rngs(0))
+    with pytest.raises(CheckpointError, match="trained for another target"):
+        load_drafter(str(tmp_path / "d"), bigger)
+    with pytest.raises(CheckpointError, match="no checkpoint directory"):
+        load_drafter(str(tmp_path / "missing"), model)
+
+
+@pytest.mark.slow
+def test_warmup_command_end_to_end(tmp_path):
+    """The warm-up CLI at toy settings on the real model: data, training, held-out acceptance, saved drafter."""
+    out = tmp_path / "drafter"
+    cmd = [sys.executable, "-m", "tlt_jax.drafter.warmup", "--config", "configs/smollm2_135m.py", "--out", str(out),
+           "--config.drafter.warmup.num_prompts=4", "--config.drafter.warmup.eval_prompts=2",
+           "--config.drafter.warmup.max_new_tokens=12", "--config.drafter.warmup.gen_batch=4",
+           "--config.drafter.warmup.steps=3", "--config.drafter.warmup.batch_size=2",
+           "--config.drafter.warmup.seq_len=128", "--config.drafter.draft_vocab=512"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "acceptance length" in p.stdout and "saved drafter" in p.stdout
+    from tlt_jax.models.weights import load_checkpoint
+
+    _, model = load_checkpoint("embedded:smollm2")
+    drafter, meta = load_drafter(str(out), model)
+    assert drafter.draft_vocab_size == 512
+    assert meta["extra"]["accept_len_chain4_greedy"] >= 1.0
+    # a rerun reuses the generated data
+    p2 = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert p2.returncode == 0 and "reusing 4 answers" in p2.stdout

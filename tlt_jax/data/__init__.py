@@ -1,0 +1,1 @@
+"""Prompt sources: a generated verifiable task (the offline default)."""

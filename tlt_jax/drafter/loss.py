@@ -1,0 +1,73 @@
+"""The EAGLE drafter loss: feature regression plus soft cross-entropy against the target's next token.
+
+For a sequence x_0..x_{L-1} with target features f_0..f_{L-1} (final-norm hidden states), the drafter reads
+the pairs (f_t, x_{t+1}) for t < L - 1 with causal attention (teacher forcing) and its output at t estimates
+f_{t+1}. Loss per position: smooth-L1(f_hat, f_{t+1}) (mean over H) + 0.1 x cross-entropy between the target's
+distribution softmax(head(f_{t+1})) and the drafter's softmax(head(f_hat)), both over the draft vocabulary;
+averaged over the positions ``loss_mask`` selects (response tokens).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from tlt_jax.models.decoder import Decoder
+from tlt_jax.models.drafter import Drafter
+
+REG_WEIGHT = 1.0
+CE_WEIGHT = 0.1
+
+
+def smooth_l1(x: jax.Array, beta: float = 1.0) -> jax.Array:
+    ax = jnp.abs(x)
+    return jnp.where(ax < beta, 0.5 * ax * ax / beta, ax - 0.5 * beta)
+
+
+def target_features(model: Decoder, tokens: jax.Array, valid: jax.Array) -> jax.Array:
+    """Final-norm hidden states [B, L, H] of right-padded sequences (one causal forward, no cache)."""
+    b, l = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32)[None], (b, l))
+    mask = jnp.tril(jnp.ones((l, l), bool))[None] & (valid[:, None, :] | jnp.eye(l, dtype=bool)[None])
+    return model(tokens, positions, mask, None, logit_index=jnp.zeros((b, 1), jnp.int32)).hidden
+
+
+def drafter_loss(drafter: Drafter, target: Decoder, tokens: jax.Array, feats: jax.Array, loss_mask: jax.Array,
+                 head_w: jax.Array, noise_key: jax.Array = None, noise: float = 0.0
+                 ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+    """Mean EAGLE loss and metrics.
+
+    Args:
+      tokens: [B, L] int32 (right padded); feats: [B, L, H] target features of those tokens.
+      loss_mask: [B, L] bool; position t counts when f_t is to be predicted (t >= 1).
+      head_w: ``drafter.head_weight(target)`` (the draft vocabulary's rows of the LM head).
+      noise_key, noise: uniform noise in [-noise, noise] added to the *input* features (not the targets), so
+        the drafter learns to continue from its own imperfect features at draft time.
+    """
+    b, l = tokens.shape
+    chex.assert_shape(feats, (b, l, drafter.cfg.hidden_size))
+    chex.assert_shape(loss_mask, (b, l))
+    t = l - 1
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
+    causal = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool))[None], (b, t, t))
+    inp = feats[:, :-1]
+    if noise and noise_key is not None:
+        inp = inp + jax.random.uniform(noise_key, inp.shape, inp.dtype, -noise, noise)
+    pred, _, _ = drafter(target, tokens[:, 1:], inp, positions, causal)
+    pred = pred.astype(jnp.float32)
+    tgt = jax.lax.stop_gradient(feats[:, 1:].astype(jnp.float32))
+    m = loss_mask[:, 1:].astype(jnp.float32)
+    reg = smooth_l1(pred - tgt).mean(-1)
+    w = jax.lax.stop_gradient(head_w)
+    p = jax.nn.softmax(drafter.logits(tgt, w), axis=-1)
+    logq = jax.nn.log_softmax(drafter.logits(pred, w), axis=-1)
+    ce = -(p * logq).sum(-1)
+    denom = jnp.maximum(m.sum(), 1.0)
+    loss = ((REG_WEIGHT * reg + CE_WEIGHT * ce) * m).sum() / denom
+    top1 = (jnp.argmax(logq, -1) == jnp.argmax(p, -1)).astype(jnp.float32)
+    metrics = {"loss": loss, "reg": (reg * m).sum() / denom, "ce": (ce * m).sum() / denom,
+               "top1": (top1 * m).sum() / denom, "tokens": m.sum()}
+    return loss, metrics
