@@ -1,6 +1,9 @@
 """Answer sample prompts with a model from a config and report throughput (the current main job).
 
     tlt-generate --config configs/smollm2_135m.py [--config.rollout.max_new_tokens=64] [--prompt "..."]
+
+With ``--config.speculative.enable=True`` the answers come from the speculative rollout (same answers for
+greedy decoding; the acceptance length is reported), with the warmed drafter or the n-gram proposer.
 """
 
 from __future__ import annotations
@@ -71,8 +74,25 @@ def run(config, args) -> int:
     print(f"[tlt] model {cfg.architecture} {cfg.num_params() / 1e6:.1f}M params loaded in {t_load:.1f}s, "
           f"tokenizer in {t_tok:.1f}s; answering {len(prompts)} prompts (compiling first)", flush=True)
     cache_len = int(r.cache_len) or None
-    def answer():
-        return generate(model, prompts, spec, seed=int(config.seed), cache_len=cache_len, mesh=run_mesh)
+    spec_result = []
+    if config.speculative.enable:
+        from tlt_jax.drafter import speculation_from_config
+        from tlt_jax.rollout.speculative import generate_speculative
+
+        if run_mesh is not None:
+            raise ConfigError("the speculative rollout runs on one device for now: set mesh sizes to 1 or "
+                              "--config.speculative.enable=False")
+        sspec, drafter = speculation_from_config(config, model)
+        print(f"[tlt] speculative rollout: {sspec.strategy.name} with the {sspec.proposer} proposer", flush=True)
+
+        def answer():
+            out = generate_speculative(model, prompts, spec, sspec, drafter, seed=int(config.seed),
+                                       cache_len=cache_len)
+            spec_result[:] = [out]
+            return out.result
+    else:
+        def answer():
+            return generate(model, prompts, spec, seed=int(config.seed), cache_len=cache_len, mesh=run_mesh)
 
     t0 = time.perf_counter()
     answer()  # compiles
@@ -85,11 +105,14 @@ def run(config, args) -> int:
     print(f"\n[tlt] {n_tok} tokens in {wall:.2f}s = {n_tok / wall:.1f} tokens/s "
           f"(prefill {res.prefill_s:.2f}s, decode {res.decode_s:.2f}s, {res.num_chunks} chunks; "
           f"first call incl. compile {t_first:.1f}s)")
+    if spec_result:
+        print(f"[tlt] acceptance length {spec_result[0].accept_len:.2f} tokens per target forward")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"answers": [tokenizer.decode(t, skip_special_tokens=True) for t in res.tokens],
                        "lengths": res.lengths.tolist(), "finish_reasons": res.finish_reasons,
-                       "tokens_per_s": n_tok / wall, "prefill_s": res.prefill_s, "decode_s": res.decode_s}, f,
+                       "tokens_per_s": n_tok / wall, "prefill_s": res.prefill_s, "decode_s": res.decode_s,
+                       "accept_len": spec_result[0].accept_len if spec_result else None}, f,
                       indent=1)
     return 0
 
