@@ -1,14 +1,25 @@
 """orbax-checkpoint helpers: numbered steps of named pytrees plus a JSON metadata item.
 
 Every checkpoint the project writes goes through here. A step is written atomically by orbax (a temporary
-directory renamed on success), so a crash never leaves a half-written step that looks complete.
+directory renamed on success), so a crash never leaves a half-written step that looks complete. Before writing,
+the free disk space is checked against the checkpoint's size; a write that still fails (disk full, quota, file
+size limit) is a CheckpointError that names the step left intact.
+
+Fault injection for tests: with ``TLT_KILL_DURING_SAVE=<step>`` in the environment the process kills itself
+(SIGKILL) after orbax has started writing that step and before it has finished.
 """
 
 from __future__ import annotations
 
+import errno
+import glob
 import os
+import shutil
+import signal
 from typing import Any, Dict, Mapping, Optional, Tuple
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from tlt_jax.errors import CheckpointError
@@ -31,16 +42,63 @@ def save(directory: str, step: int, items: Mapping[str, Any], metadata: Mapping[
     """
     if META in items:
         raise ValueError(f"item name {META!r} is reserved for metadata")
+    directory = os.path.abspath(os.path.expanduser(directory))
+    previous = latest_step(directory)
+    kept = f"the previous checkpoint (step {previous}) is intact" if previous is not None else "no earlier step"
+    need = tree_nbytes(items)
+    free = disk_free_bytes(directory)
+    if need + need // 20 + (1 << 20) > free:
+        raise CheckpointError(f"not enough disk space to write checkpoint step {step} to {directory}: it needs "
+                              f"~{need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free; {kept}")
     mngr = _manager(directory, max_to_keep)
-    if replace:
-        for old in mngr.all_steps():
-            mngr.delete(old)
-    args = {k: ocp.args.StandardSave(v) for k, v in items.items()}
-    args[META] = ocp.args.JsonSave(dict(metadata))
-    mngr.save(step, args=ocp.args.Composite(**args), force=True)
-    mngr.wait_until_finished()
-    mngr.close()
-    return os.path.join(os.path.abspath(os.path.expanduser(directory)), str(step))
+    try:
+        if replace:
+            for old in mngr.all_steps():
+                mngr.delete(old)
+        args = {k: ocp.args.StandardSave(v) for k, v in items.items()}
+        args[META] = ocp.args.JsonSave(dict(metadata))
+        mngr.save(step, args=ocp.args.Composite(**args), force=True)
+        if os.environ.get("TLT_KILL_DURING_SAVE") == str(step):
+            os.kill(os.getpid(), signal.SIGKILL)
+        mngr.wait_until_finished()
+    except Exception as e:  # noqa: BLE001 - orbax/tensorstore wrap OS errors in several types
+        for tmp in glob.glob(os.path.join(directory, f"{step}.orbax-checkpoint-tmp*")):
+            shutil.rmtree(tmp, ignore_errors=True)  # give the space back; the step was never complete
+        raise CheckpointError(f"writing checkpoint step {step} to {directory} failed "
+                              f"({_describe_write_error(e)}); {kept}") from e
+    finally:
+        try:
+            mngr.close()
+        except Exception:  # noqa: BLE001 - the write error above is the one to report
+            pass
+    return os.path.join(directory, str(step))
+
+
+def tree_nbytes(items: Any) -> int:
+    return int(sum(int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(items)
+                   if hasattr(x, "dtype")))
+
+
+def disk_free_bytes(path: str) -> int:
+    """Free bytes on the file system that holds ``path`` (or its nearest existing parent)."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return shutil.disk_usage(path).free
+
+
+def _describe_write_error(e: BaseException) -> str:
+    text = f"{type(e).__name__}: {e}"
+    chain = [e]
+    while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
+        nxt = chain[-1].__cause__ or chain[-1].__context__
+        if nxt in chain:
+            break
+        chain.append(nxt)
+    codes = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+    full = any(getattr(x, "errno", None) in codes for x in chain) or any(
+        s in str(x) for x in chain for s in ("No space left", "quota exceeded", "File too large"))
+    return ("the disk is full or a size limit was hit: " + text) if full else text
 
 
 def latest_step(directory: str) -> Optional[int]:

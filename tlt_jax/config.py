@@ -86,6 +86,50 @@ def base_config() -> ml_collections.ConfigDict:
         data_seed=1,
     ))
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))  # -1: all remaining devices
+    # ---- RL training (tlt-train)
+    c.tlt = ml_collections.ConfigDict(dict(
+        enable=True,  # the A/B switch: True = speculative rollouts (TLT), False = plain rollouts (baseline)
+    ))
+    c.data = ml_collections.ConfigDict(dict(
+        source="arithmetic",  # 'arithmetic' (generated, offline), a hub name, or a local .json/.jsonl/.parquet
+        subset="",
+        split="train",
+        question_field="question",
+        answer_field="answer",
+        answer_format="raw",  # 'raw', 'gsm8k' (after '####') or 'boxed' (last \\boxed{} of a solution)
+        limit=0,  # > 0: use the first N examples
+        instruction="Put the final answer in \\boxed{}.",  # appended to questions that lack it
+        mean_terms=2.0,  # the arithmetic task's mean number of terms (answer lengths grow with it)
+        seed=0,
+        shuffle=True,  # reshuffled every epoch (seeded)
+    ))
+    c.rl = ml_collections.ConfigDict(dict(
+        steps=10,
+        prompts_per_step=4,
+        group_size=4,  # G answers per prompt
+        max_new_tokens=128,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        lr=1e-6,
+        weight_decay=0.0,
+        grad_clip=1.0,
+        warmup_steps=0,
+        minibatches=2,  # optimizer steps per RL step (the batch is split)
+        clip_eps=0.2,
+        kl_coef=0.0,  # > 0: k3 KL to the frozen initial policy
+        advantage="grpo",  # 'grpo' (group-normalised) or 'drgrpo' (no std division)
+        aggregation="token_mean",  # 'token_mean' or 'seq_mean'
+        reward="math",  # 'math' (math-verify on the boxed answer) or 'module.path:function'
+        format_weight=0.1,  # extra reward for a finished answer with a boxed result
+        prompt_multiple=32,  # prompts are padded to a multiple of this (fewer compiled shapes)
+    ))
+    c.train = ml_collections.ConfigDict(dict(
+        checkpoint_every=2,  # RL steps between checkpoints (the last step is always saved)
+        keep_checkpoints=2,
+        plots=True,  # PNG plots in the work dir at the end
+        tensorboard=True,
+    ))
     c.job = ml_collections.ConfigDict(dict(prompts=SAMPLE_PROMPTS, system_prompt=""))
     return c
 
@@ -264,8 +308,46 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError("drafter.warmup.lr and drafter.warmup.time_budget_s must be positive")
     if float(w.weight_decay) < 0 or float(w.feature_noise) < 0:
         raise ConfigError("drafter.warmup.weight_decay and drafter.warmup.feature_noise must be >= 0")
+    _validate_rl(cfg)
     if not cfg.model.checkpoint:
         model_config_from_arch(cfg)  # raises on a bad architecture
+
+
+def _validate_rl(cfg: ml_collections.ConfigDict) -> None:
+    rl = cfg.rl
+    for key in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "minibatches", "prompt_multiple"):
+        if int(rl[key]) < 1:
+            raise ConfigError(f"rl.{key} must be >= 1, got {rl[key]}")
+    if int(rl.group_size) < 2:
+        raise ConfigError(f"rl.group_size must be >= 2 (advantages compare answers in a group), got {rl.group_size}")
+    rows = int(rl.prompts_per_step) * int(rl.group_size)
+    if rows % int(rl.minibatches):
+        raise ConfigError(f"rl.minibatches ({rl.minibatches}) must divide prompts_per_step x group_size ({rows})")
+    if float(rl.temperature) <= 0:
+        raise ConfigError(f"rl.temperature must be > 0 (GRPO samples its answers), got {rl.temperature}")
+    if not (0.0 < float(rl.top_p) <= 1.0):
+        raise ConfigError(f"rl.top_p must be in (0, 1], got {rl.top_p}")
+    if int(rl.top_k) < 0:
+        raise ConfigError(f"rl.top_k must be >= 0, got {rl.top_k}")
+    if float(rl.lr) <= 0:
+        raise ConfigError(f"rl.lr must be > 0, got {rl.lr}")
+    for key in ("weight_decay", "kl_coef", "format_weight", "warmup_steps"):
+        if float(rl[key]) < 0:
+            raise ConfigError(f"rl.{key} must be >= 0, got {rl[key]}")
+    if float(rl.grad_clip) <= 0 or not 0 < float(rl.clip_eps) < 1:
+        raise ConfigError(f"need rl.grad_clip > 0 and 0 < rl.clip_eps < 1, got {rl.grad_clip}, {rl.clip_eps}")
+    if rl.advantage not in ("grpo", "drgrpo"):
+        raise ConfigError(f"rl.advantage must be 'grpo' or 'drgrpo', got {rl.advantage!r}")
+    if rl.aggregation not in ("token_mean", "seq_mean"):
+        raise ConfigError(f"rl.aggregation must be 'token_mean' or 'seq_mean', got {rl.aggregation!r}")
+    if rl.reward != "math" and ":" not in rl.reward:
+        raise ConfigError(f"rl.reward must be 'math' or 'module.path:function', got {rl.reward!r}")
+    if cfg.data.answer_format not in ("raw", "gsm8k", "boxed"):
+        raise ConfigError(f"data.answer_format must be 'raw', 'gsm8k' or 'boxed', got {cfg.data.answer_format!r}")
+    if int(cfg.data.limit) < 0 or float(cfg.data.mean_terms) < 1:
+        raise ConfigError("data.limit must be >= 0 and data.mean_terms >= 1")
+    if int(cfg.train.checkpoint_every) < 1 or int(cfg.train.keep_checkpoints) < 1:
+        raise ConfigError("train.checkpoint_every and train.keep_checkpoints must be >= 1")
 
 
 def model_config_from_arch(cfg: ml_collections.ConfigDict) -> ModelConfig:

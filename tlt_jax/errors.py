@@ -19,3 +19,7 @@ class UnsupportedModelError(TltError):
 
 class InputError(TltError, ValueError):
     """A prompt batch or request does not fit the rollout (e.g. longer than the cache)."""
+
+
+class DataError(TltError, ValueError):
+    """A dataset is missing, empty, or lacks the configured fields."""

@@ -1,0 +1,120 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tests.helpers import tiny_model
+from tlt_jax.rl import grpo
+
+
+def test_group_advantages():
+    r = np.array([[1.0, 0.0, 0.0, 1.0], [0.5, 0.5, 0.5, 0.5], [2.0, 0.0, 1.0, 1.0]])
+    a = grpo.group_advantages(r, "grpo").reshape(3, 4)
+    np.testing.assert_allclose(a[0], [1, -1, -1, 1], atol=1e-5)
+    np.testing.assert_allclose(a[1], 0.0)
+    np.testing.assert_allclose(a[2], (r[2] - 1.0) / r[2].std(), atol=1e-5)
+    d = grpo.group_advantages(r, "drgrpo").reshape(3, 4)
+    np.testing.assert_allclose(d[0], [0.5, -0.5, -0.5, 0.5])
+    with pytest.raises(ValueError, match="num_prompts, group_size"):
+        grpo.group_advantages(np.zeros(4))
+    with pytest.raises(ValueError, match="advantage kind"):
+        grpo.group_advantages(r, "ppo")
+
+
+def _batch(logp_old, adv, mask, ref=None):
+    b, n = mask.shape
+    z = jnp.zeros((b, n + 1), jnp.int32)
+    return grpo.TrainBatch(z, z.astype(bool), jnp.asarray(mask), jnp.asarray(adv, jnp.float32),
+                           jnp.asarray(logp_old, jnp.float32),
+                           jnp.zeros((b, n)) if ref is None else jnp.asarray(ref, jnp.float32))
+
+
+def test_policy_loss_clip_aggregation_and_kl():
+    mask = np.array([[1, 1, 1, 1], [1, 0, 0, 0]], bool)
+    old = np.full((2, 4), -1.0)
+    cfg = grpo.GRPOConfig(clip_eps=0.2)
+    # ratio 1: loss is minus the (token- or sequence-) mean advantage
+    loss, m = grpo.policy_loss(jnp.asarray(old), _batch(old, [1.0, -1.0], mask), cfg)
+    assert float(loss) == pytest.approx(-(4 * 1.0 - 1.0) / 5)
+    loss, _ = grpo.policy_loss(jnp.asarray(old), _batch(old, [1.0, -1.0], mask), cfg._replace(aggregation="seq_mean"))
+    assert float(loss) == pytest.approx(0.0)
+    # ratio 1.5 with a positive advantage is clipped at 1.2; with a negative one the unclipped term wins
+    new = old + np.log(1.5)
+    loss, m = grpo.policy_loss(jnp.asarray(new), _batch(old, [1.0, 1.0], mask), cfg)
+    assert float(loss) == pytest.approx(-1.2) and float(m["clip_frac"]) == pytest.approx(1.0)
+    loss, _ = grpo.policy_loss(jnp.asarray(new), _batch(old, [-1.0, -1.0], mask), cfg)
+    assert float(loss) == pytest.approx(1.5)
+    # k3 KL: zero at the reference, positive away from it, and added with its coefficient
+    kcfg = cfg._replace(kl_coef=0.5)
+    _, m0 = grpo.policy_loss(jnp.asarray(old), _batch(old, [0.0, 0.0], mask, ref=old), kcfg)
+    loss, m1 = grpo.policy_loss(jnp.asarray(old), _batch(old, [0.0, 0.0], mask, ref=old - 0.3), kcfg)
+    assert float(m0["kl"]) == pytest.approx(0.0)
+    k3 = np.exp(-0.3) + 0.3 - 1.0
+    assert float(m1["kl"]) == pytest.approx(k3, rel=1e-5) and float(loss) == pytest.approx(0.5 * k3, rel=1e-5)
+
+
+def test_answer_logprobs_of_a_padded_batch_match_each_row_alone():
+    cfg, model = tiny_model(seed=1)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(1, 200, size=n).tolist() for n in (3, 7, 5)]
+    answers = [rng.integers(1, 200, size=n).tolist() for n in (4, 6, 1)]
+    p, n = 8, 6
+    tokens = np.zeros((3, p + n), np.int32)
+    valid = np.zeros((3, p + n), bool)
+    for i, (pr, an) in enumerate(zip(prompts, answers)):
+        tokens[i, p - len(pr):p], valid[i, p - len(pr):p] = pr, True
+        tokens[i, p:p + len(an)], valid[i, p:p + len(an)] = an, True
+    logp, ent, hidden = grpo.answer_logprobs(model, jnp.asarray(tokens), jnp.asarray(valid), n, 0.7)
+    assert hidden.shape == (3, p + n, cfg.hidden_size)
+    for i, (pr, an) in enumerate(zip(prompts, answers)):
+        seq = jnp.asarray([pr + an])
+        t = seq.shape[1]
+        logits = model(seq, jnp.arange(t)[None], jnp.tril(jnp.ones((t, t), bool))[None]).logits[0]
+        lp = jax.nn.log_softmax(logits / 0.7, axis=-1)
+        want = [float(lp[len(pr) - 1 + j, tok]) for j, tok in enumerate(an)]
+        np.testing.assert_allclose(np.asarray(logp[i, :len(an)]), want, atol=2e-5)
+        full = np.asarray(-(jnp.exp(lp) * lp).sum(-1))[len(pr) - 1:len(pr) - 1 + len(an)]
+        np.testing.assert_allclose(np.asarray(ent[i, :len(an)]), full, rtol=1e-5)
+
+
+def _train_setup(adv):
+    cfg, model = tiny_model(seed=2)
+    graphdef, params = nnx.split(model)
+    params = jax.tree.map(jnp.copy, params)  # update_step donates its input; the cached model keeps its own
+    tokens = jnp.asarray(np.random.default_rng(1).integers(1, 200, size=(4, 12)), jnp.int32)
+    valid = jnp.ones((4, 12), bool)
+    amask = jnp.ones((4, 8), bool)
+    old, _, _ = grpo.logprob_forward(params, tokens, valid, graphdef=graphdef, num_answer=8, temperature=1.0)
+    batch = grpo.TrainBatch(tokens, valid, amask, jnp.asarray(adv, jnp.float32), old, jnp.zeros_like(old))
+    return graphdef, params, batch
+
+
+def test_updates_raise_the_likelihood_of_advantaged_answers():
+    graphdef, params, batch = _train_setup([1.0, 1.0, -1.0, -1.0])
+    opt = grpo.make_optimizer(1e-3)
+    state = opt.init(params)
+    cfg = grpo.GRPOConfig()
+    before = np.asarray(batch.old_logp.sum(1))
+    for _ in range(5):
+        params, state, m = grpo.update_step(params, state, batch, graphdef=graphdef, optimizer=opt, cfg=cfg)
+        assert float(m["skipped"]) == 0 and np.isfinite(float(m["grad_norm"]))
+    after, _, _ = grpo.logprob_forward(params, batch.tokens, batch.valid, graphdef=graphdef, num_answer=8,
+                                       temperature=1.0)
+    delta = np.asarray(after.sum(1)) - before
+    assert delta[0] > 0 and delta[1] > 0 and delta[2] < 0 and delta[3] < 0, delta
+
+
+def test_a_nan_loss_skips_the_update():
+    graphdef, params, batch = _train_setup([1.0, np.nan, -1.0, 0.0])
+    opt = grpo.make_optimizer(1e-3)
+    state = opt.init(params)
+    before = jax.tree.map(np.asarray, params)
+    state_before = jax.tree.map(np.asarray, state)
+    params, state, m = grpo.update_step(params, state, batch, graphdef=graphdef, optimizer=opt,
+                                        cfg=grpo.GRPOConfig())
+    assert float(m["skipped"]) == 1.0
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    for a, b in zip(jax.tree.leaves(state_before), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(a, np.asarray(b))

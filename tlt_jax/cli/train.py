@@ -1,0 +1,78 @@
+"""GRPO training (the main job).
+
+    tlt-train --config configs/smollm2_135m.py --workdir DIR [--resume] [--config.a.b=v ...]
+
+TLT (speculative rollouts) is on by default; ``--config.tlt.enable=False`` runs the same job as the baseline
+with plain rollouts. Metrics go to DIR/metrics.jsonl and DIR/tb, checkpoints to DIR/checkpoints, plots to
+DIR/plots. ``--resume`` continues a run from its newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def main(argv=None) -> int:
+    from tlt_jax.config import load_config, split_config_args
+    from tlt_jax.errors import TltError
+
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        path, overrides, rest = split_config_args(argv)
+        ap = argparse.ArgumentParser(prog="tlt-train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+        ap.add_argument("--workdir", required=True, help="where metrics, checkpoints and plots go")
+        ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --workdir")
+        ap.add_argument("--no-progress", action="store_true", help="no progress bar (one line per step instead)")
+        args = ap.parse_args(rest)
+        config = load_config(path or "smollm2_135m", overrides)
+        return run(config, args)
+    except TltError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(config, args) -> int:
+    import jax
+
+    from tlt_jax.rl.trainer import Trainer
+
+    t0 = time.perf_counter()
+    print(f"[tlt] config {config.name}: GRPO for {config.rl.steps} steps ({config.rl.prompts_per_step} prompts x "
+          f"{config.rl.group_size} answers) on {len(jax.devices())} {jax.devices()[0].platform} device(s); "
+          f"work dir {os.path.abspath(args.workdir)}", flush=True)
+    trainer = Trainer(config, args.workdir, resume=args.resume, log=lambda m: print(m, flush=True))
+    history = trainer.run(progress=not args.no_progress, on_step=_print_step if args.no_progress else None)
+    wall = time.perf_counter() - t0
+    if not history:
+        print("[tlt] nothing to do: the run is already complete", flush=True)
+        return 0
+    q = max(1, len(history) // 4)
+    first = sum(h["reward_mean"] for h in history[:q]) / q
+    last = sum(h["reward_mean"] for h in history[-q:]) / q
+    rollout = sum(h["time_rollout"] for h in history)
+    steps = sum(h["step_time"] for h in history)
+    line = (f"[tlt] done: {len(history)} steps; reward mean first quarter {first:.3f} -> last quarter {last:.3f}; "
+            f"rollout {rollout:.0f}s of {steps:.0f}s step time; wall {wall:.0f}s")
+    if any("accept_len" in h for h in history):
+        acc = [h["accept_len"] for h in history if "accept_len" in h]
+        line += f"; acceptance length {sum(acc) / len(acc):.2f}"
+    print(line, flush=True)
+    print(f"[tlt] metrics {trainer.metrics_path}; plots {os.path.join(trainer.workdir, 'plots')}", flush=True)
+    return 0
+
+
+def _print_step(m) -> None:
+    import json
+
+    print(f"[tlt] step {m['step']}: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v
+                                                   for k, v in m.items() if k != "step"}), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""PNG plots of a training run from its metrics (reward, answer-length distribution, time split)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List, Sequence
+
+
+def write_plots(history: Sequence[Dict[str, Any]], out_dir: str) -> List[str]:
+    """Writes reward.png, lengths.png and time_split.png to ``out_dir``; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out_dir, exist_ok=True)
+    steps = [h["step"] for h in history]
+    paths = []
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, [h["reward_mean"] for h in history], marker="o", label="reward mean")
+    ax.plot(steps, [h["accuracy"] for h in history], marker=".", label="accuracy")
+    ax.set_xlabel("RL step")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    ax.set_title("Reward")
+    paths.append(_save(fig, out_dir, "reward.png"))
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key, label in (("len_p50", "p50"), ("len_p75", "p75"), ("len_p90", "p90"), ("len_max", "max")):
+        ax.plot(steps, [h[key] for h in history], marker=".", label=label)
+    ax.set_xlabel("RL step")
+    ax.set_ylabel("answer tokens")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    ax.set_title("Answer length distribution")
+    paths.append(_save(fig, out_dir, "lengths.png"))
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    bottom = [0.0] * len(steps)
+    for key in ("time_rollout", "time_reward", "time_logprob", "time_update"):
+        vals = [h.get(key, 0.0) for h in history]
+        ax.bar(steps, vals, bottom=bottom, label=key[len("time_"):])
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    ax.set_xlabel("RL step")
+    ax.set_ylabel("seconds")
+    ax.legend()
+    ax.set_title("Time split per step")
+    paths.append(_save(fig, out_dir, "time_split.png"))
+    return paths
+
+
+def _save(fig, out_dir: str, name: str) -> str:
+    import matplotlib.pyplot as plt
+
+    path = os.path.join(out_dir, name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

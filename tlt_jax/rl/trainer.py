@@ -1,0 +1,409 @@
+"""The GRPO trainer: rollout -> rewards -> advantages -> actor log-prob forward -> policy update.
+
+Everything a step needs is a function of (config, step, state), so a run resumed from a checkpoint continues
+exactly: the rollout's random seed and the prompts of step ``s`` are derived from ``s``; the checkpoint holds
+the policy, its optimizer state, the drafter (when there is one), the step and the data position.
+
+Work dir layout::
+
+    metrics.jsonl        one JSON object per RL step (reward_mean, accuracy, lengths, time split, ...)
+    tb/                  TensorBoard events of the same metrics
+    checkpoints/<step>/  orbax checkpoints (the newest ``train.keep_checkpoints``)
+    plots/*.png          reward, answer lengths and time split, written at the end
+    config.json          the config of the first run in this dir
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import time
+import warnings
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tlt_jax import checkpoint
+from tlt_jax.errors import CheckpointError, ConfigError, DataError
+from tlt_jax.rl import grpo
+from tlt_jax.rl.rewards import RewardOutput, math_rewards, safe_rewards
+
+FORMAT = "tlt_jax.grpo_trainer.v1"
+CKPT_DIR = "checkpoints"
+
+
+def _leaves(tree) -> Dict[str, Any]:
+    """A pytree as a flat {'00000': leaf} dict (orbax-friendly whatever the container types)."""
+    return {f"{i:05d}": x for i, x in enumerate(jax.tree.leaves(tree))}
+
+
+def _unleaves(like, flat: Dict[str, Any]):
+    leaves, treedef = jax.tree.flatten(like)
+    if len(flat) != len(leaves):
+        raise CheckpointError(f"checkpoint holds {len(flat)} arrays where {len(leaves)} are expected")
+    return jax.tree.unflatten(treedef, [flat[f"{i:05d}"] for i in range(len(leaves))])
+
+
+def _abstract(tree):
+    return {k: jax.ShapeDtypeStruct(np.shape(v), v.dtype) for k, v in _leaves(tree).items()}
+
+
+def load_reward_fn(name: str, format_weight: float) -> Callable:
+    """'math' or 'module.path:function' (called as fn(answers, golds, finished) -> RewardOutput or floats)."""
+    if name == "math":
+        def math_reward(answers, golds, finished):
+            return math_rewards(answers, golds, finished, format_weight=format_weight)
+        return math_reward
+    module, _, attr = name.partition(":")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"rl.reward {name!r}: cannot import {attr!r} from {module!r} ({e})") from None
+
+
+def percentiles(lengths: Sequence[int]) -> Dict[str, float]:
+    x = np.asarray(lengths, np.float64)
+    return {"len_mean": float(x.mean()), "len_p50": float(np.percentile(x, 50)),
+            "len_p75": float(np.percentile(x, 75)), "len_p90": float(np.percentile(x, 90)),
+            "len_max": float(x.max())}
+
+
+class Trainer:
+    """Holds the run's state; :meth:`run` trains to ``rl.steps``."""
+
+    def __init__(self, config, workdir: str, *, resume: bool = False, log: Callable[[str], None] = print):
+        from tlt_jax.data.loader import load_examples
+        from tlt_jax.models.tokenizer import load_tokenizer, stop_token_ids
+        from tlt_jax.models.weights import model_from_config
+        from tlt_jax.rollout import RolloutSpec, SamplingParams
+
+        self.config = config
+        self.workdir = os.path.abspath(os.path.expanduser(workdir))
+        self.ckpt_dir = os.path.join(self.workdir, CKPT_DIR)
+        self.log = log
+        rl = config.rl
+        existing = checkpoint.latest_step(self.ckpt_dir)
+        if existing is not None and not resume:
+            raise CheckpointError(f"{self.workdir} already holds a run (checkpoint step {existing}); pass --resume "
+                                  f"to continue it or choose another --workdir")
+        if resume and existing is None:
+            log(f"[tlt] --resume: no checkpoint in {self.ckpt_dir}; starting from step 0")
+        os.makedirs(self.workdir, exist_ok=True)
+
+        t0 = time.perf_counter()
+        self.model_cfg, model = model_from_config(config, None)
+        tok_path = config.model.tokenizer or config.model.checkpoint
+        if not tok_path:
+            raise ConfigError("training needs a tokenizer: set model.checkpoint or model.tokenizer")
+        self.tokenizer = load_tokenizer(tok_path)
+        self.graphdef, self.params = nnx.split(model)
+        self.ref_params = jax.tree.map(jnp.copy, self.params) if float(rl.kl_coef) > 0 else None
+        log(f"[tlt] model {self.model_cfg.architecture} {self.model_cfg.num_params() / 1e6:.1f}M params, "
+            f"loaded in {time.perf_counter() - t0:.1f}s")
+
+        d = config.data
+        n_needed = int(rl.steps) * int(rl.prompts_per_step)
+        limit = int(d.limit) if int(d.limit) > 0 else (n_needed if d.source == "arithmetic" else 0)
+        self.examples = load_examples(d.source, subset=d.subset, split=d.split, question_field=d.question_field,
+                                      answer_field=d.answer_field, answer_format=d.answer_format, limit=limit,
+                                      seed=int(d.seed), mean_terms=float(d.mean_terms))
+        self._encode_prompts()
+        self.stop_tokens = tuple(stop_token_ids(self.tokenizer, config.rollout.stop_strings))
+        self.spec = RolloutSpec(max_new_tokens=int(rl.max_new_tokens), stop_tokens=self.stop_tokens,
+                                sampling=SamplingParams(float(rl.temperature), int(rl.top_k), float(rl.top_p)),
+                                chunk_steps=int(config.rollout.chunk_steps), attn_impl=config.model.attn_impl)
+        self.gcfg = grpo.GRPOConfig(clip_eps=float(rl.clip_eps), kl_coef=float(rl.kl_coef),
+                                    aggregation=rl.aggregation, temperature=float(rl.temperature))
+        self.optimizer = grpo.make_optimizer(float(rl.lr), float(rl.weight_decay), float(rl.grad_clip),
+                                             int(rl.warmup_steps))
+        self.opt_state = self.optimizer.init(self.params)
+        self.reward_fn = load_reward_fn(rl.reward, float(rl.format_weight))
+        self.sspec, self.drafter = self._speculation(model)
+        self.step = 0
+        if resume and existing is not None:
+            self._restore()
+        else:
+            with open(os.path.join(self.workdir, "config.json"), "w") as f:
+                f.write(config.to_json(indent=1))
+        self._truncate_metrics()
+
+    # ------------------------------------------------------------------------------------------ setup
+
+    def _encode_prompts(self) -> None:
+        from tlt_jax.data.loader import with_instruction
+        from tlt_jax.models.tokenizer import chat_prompt_ids
+
+        c = self.config
+        if not self.examples:
+            raise DataError(f"data source {c.data.source!r} gave no examples")
+        questions = [q if "\\boxed" in q else with_instruction(q, c.data.instruction) for q, _ in self.examples]
+        ids = chat_prompt_ids(self.tokenizer, questions, c.job.system_prompt or None)
+        limit = int(c.rollout.max_prompt_len)
+        keep = [i for i, p in enumerate(ids) if len(p) <= limit]
+        if not keep:
+            raise DataError(f"every prompt is longer than rollout.max_prompt_len={limit} tokens")
+        if len(keep) < len(ids):
+            self.log(f"[tlt] skipping {len(ids) - len(keep)} of {len(ids)} prompts longer than "
+                     f"rollout.max_prompt_len={limit}")
+        self.prompt_ids = [ids[i] for i in keep]
+        self.golds = [self.examples[i].answer for i in keep]
+
+    def _speculation(self, model):
+        """(SpeculativeSpec, drafter) for TLT, or (None, None) for the baseline."""
+        if not self.config.tlt.enable:
+            self.log("[tlt] baseline: plain rollouts (tlt.enable=False)")
+            return None, None
+        from tlt_jax.drafter import speculation_from_config
+        from tlt_jax.rollout.speculative import SpeculativeSpec
+        from tlt_jax.rollout.tree import SpecStrategy
+
+        try:
+            sspec, drafter = speculation_from_config(self.config, model)
+        except CheckpointError as e:
+            strategy = SpecStrategy.parse(self.config.speculative.strategy)
+            if not strategy.is_chain:
+                strategy = SpecStrategy(depth=strategy.depth)
+            sp = self.config.speculative
+            sspec, drafter = SpeculativeSpec(strategy, proposer="ngram", ngram_max=int(sp.ngram_max),
+                                             ngram_min=int(sp.ngram_min)), None
+            self.log(f"[tlt] no warmed drafter ({str(e).split('.')[0]}); the n-gram proposer drafts")
+        self.log(f"[tlt] TLT: speculative rollouts, {sspec.strategy.name} with the {sspec.proposer} proposer")
+        return sspec, drafter
+
+    # ------------------------------------------------------------------------------------------ data
+
+    def prompt_indices(self, step: int) -> List[int]:
+        """Prompt indices of an RL step: a seeded permutation per epoch, read in order."""
+        n = len(self.prompt_ids)
+        per = int(self.config.rl.prompts_per_step)
+        out = []
+        for i in range(step * per, (step + 1) * per):
+            epoch, j = divmod(i, n)
+            if self.config.data.shuffle:
+                perm = np.random.default_rng([int(self.config.data.seed), epoch, 104729]).permutation(n)
+                out.append(int(perm[j]))
+            else:
+                out.append(j)
+        return out
+
+    # ------------------------------------------------------------------------------------------ one step
+
+    def rollout(self, prompts: List[List[int]], seed: int):
+        from tlt_jax.rollout import generate
+        from tlt_jax.rollout.speculative import generate_speculative
+
+        model = nnx.merge(self.graphdef, self.params)
+        cache_len = int(self.config.rollout.cache_len) or None
+        if self.sspec is None:
+            return generate(model, prompts, self.spec, seed=seed, cache_len=cache_len), None
+        out = generate_speculative(model, prompts, self.spec, self.sspec, self.drafter, seed=seed,
+                                   cache_len=cache_len)
+        return out.result, out.accept_len
+
+    def build_batch(self, prompts: List[List[int]], answers: List[List[int]], advantages: np.ndarray):
+        """Host arrays of the training layout (see :mod:`tlt_jax.rl.grpo`)."""
+        mult = int(self.config.rl.prompt_multiple)
+        p = max(len(x) for x in prompts)
+        p = -(-p // mult) * mult
+        n = int(self.config.rl.max_new_tokens)
+        b = len(prompts)
+        tokens = np.zeros((b, p + n), np.int32)
+        valid = np.zeros((b, p + n), bool)
+        amask = np.zeros((b, n), bool)
+        for i, (pr, an) in enumerate(zip(prompts, answers)):
+            tokens[i, p - len(pr):p] = pr
+            valid[i, p - len(pr):p] = True
+            an = list(an)[:n]
+            tokens[i, p:p + len(an)] = an
+            valid[i, p:p + len(an)] = True
+            amask[i, :len(an)] = True
+        return tokens, valid, amask, np.asarray(advantages, np.float32)
+
+    def train_step(self) -> Dict[str, float]:
+        rl = self.config.rl
+        g = int(rl.group_size)
+        step = self.step
+        idx = self.prompt_indices(step)
+        prompts = [self.prompt_ids[i] for i in idx for _ in range(g)]
+        golds = [self.golds[i] for i in idx for _ in range(g)]
+        seed = int(self.config.seed) * 1_000_003 + step
+
+        t0 = time.perf_counter()
+        res, accept_len = self.rollout(prompts, seed)
+        t_rollout = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in res.tokens]
+        finished = [r == "stop" for r in res.finish_reasons]
+        rew: RewardOutput = safe_rewards(self.reward_fn, texts, golds, finished)
+        rewards = np.asarray(rew.rewards, np.float64).reshape(len(idx), g)
+        adv = grpo.group_advantages(rewards, rl.advantage)
+        t_reward = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        tokens, valid, amask, adv = self.build_batch(prompts, res.tokens, adv)
+        n = amask.shape[1]
+        old_logp, _, hidden = grpo.logprob_forward(self.params, tokens, valid, graphdef=self.graphdef,
+                                                   num_answer=n, temperature=float(rl.temperature))
+        if self.ref_params is not None:
+            ref_logp, _, _ = grpo.logprob_forward(self.ref_params, tokens, valid, graphdef=self.graphdef,
+                                                  num_answer=n, temperature=float(rl.temperature))
+        else:
+            ref_logp = jnp.zeros_like(old_logp)
+        old_logp.block_until_ready()
+        self.last_hidden = hidden  # the drafter's training data (final hidden states of prompt + answer)
+        t_logprob = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        m = int(rl.minibatches)
+        size = len(prompts) // m
+        order = np.random.default_rng([seed, 3]).permutation(len(prompts))
+        sums: Dict[str, float] = {}
+        skipped = 0
+        for k in range(m):
+            sel = order[k * size:(k + 1) * size]
+            batch = grpo.TrainBatch(tokens[sel], valid[sel], amask[sel], adv[sel], old_logp[sel], ref_logp[sel])
+            self.params, self.opt_state, met = grpo.update_step(self.params, self.opt_state, batch,
+                                                                graphdef=self.graphdef, optimizer=self.optimizer,
+                                                                cfg=self.gcfg)
+            met = {k2: float(v) for k2, v in jax.device_get(met).items()}
+            if met["skipped"]:
+                skipped += 1
+                warnings.warn(f"step {step}: non-finite loss or gradient in mini-batch {k} "
+                              f"(loss {met['pg_loss']}, grad norm {met['grad_norm']}); update skipped",
+                              RuntimeWarning, stacklevel=2)
+                continue
+            for k2, v in met.items():
+                sums[k2] = sums.get(k2, 0.0) + v
+        t_update = time.perf_counter() - t0
+        done = m - skipped
+        metrics = {k2: v / done for k2, v in sums.items() if k2 != "skipped"} if done else {}
+        lengths = np.asarray(res.lengths)
+        metrics.update(
+            step=step + 1, reward_mean=float(rewards.mean()), reward_std=float(rewards.std()),
+            accuracy=float(np.mean(rew.correct)), format_rate=float(np.mean(rew.formatted)),
+            reward_errors=int(rew.errors), truncated=float(np.mean([r == "length" for r in res.finish_reasons])),
+            skipped_updates=skipped, time_rollout=t_rollout, time_reward=t_reward, time_logprob=t_logprob,
+            time_update=t_update, rollout_tokens=int(lengths.sum()),
+            tokens_per_s=float(lengths.sum() / max(t_rollout, 1e-9)), **percentiles(lengths))
+        metrics["step_time"] = t_rollout + t_reward + t_logprob + t_update
+        if accept_len is not None:
+            metrics["accept_len"] = float(accept_len)
+        self.step = step + 1
+        return metrics
+
+    # ------------------------------------------------------------------------------------------ state
+
+    def state_items(self) -> Dict[str, Any]:
+        items = {"policy": _leaves(self.params), "opt": _leaves(self.opt_state)}
+        if self.drafter is not None:
+            items["drafter"] = _leaves(nnx.state(self.drafter, nnx.Param))
+        return items
+
+    def save(self) -> str:
+        meta = {"format": FORMAT, "step": self.step, "data_pos": self.step * int(self.config.rl.prompts_per_step),
+                "seed": int(self.config.seed), "config_name": self.config.name,
+                "drafter": self.drafter is not None}
+        return checkpoint.save(self.ckpt_dir, self.step, self.state_items(), meta,
+                               max_to_keep=int(self.config.train.keep_checkpoints))
+
+    def _restore(self) -> None:
+        step, meta = checkpoint.read_metadata(self.ckpt_dir)
+        if meta.get("format") != FORMAT:
+            raise CheckpointError(f"{self.ckpt_dir} step {step} is not a trainer checkpoint")
+        if bool(meta.get("drafter")) != (self.drafter is not None):
+            raise CheckpointError(f"checkpoint step {step} was written {'with' if meta.get('drafter') else 'without'}"
+                                  f" a learned drafter; this run has {'one' if self.drafter else 'none'}")
+        want = {k: {kk: jax.ShapeDtypeStruct(np.shape(v), v.dtype) for kk, v in d.items()}
+                for k, d in self.state_items().items()}
+        step, items, meta = checkpoint.restore(self.ckpt_dir, want, step)
+        self.params = _unleaves(self.params, items["policy"])
+        self.opt_state = _unleaves(self.opt_state, items["opt"])
+        if self.drafter is not None:
+            state = _unleaves(nnx.state(self.drafter, nnx.Param), items["drafter"])
+            nnx.update(self.drafter, state)
+        self.step = int(meta["step"])
+        self.log(f"[tlt] resumed from {self.ckpt_dir}/{step} (RL step {self.step})")
+
+    # ------------------------------------------------------------------------------------------ logging
+
+    @property
+    def metrics_path(self) -> str:
+        return os.path.join(self.workdir, "metrics.jsonl")
+
+    def _truncate_metrics(self) -> None:
+        """Drops metric lines of steps after the checkpoint (a killed run logs steps it never saved)."""
+        if not os.path.exists(self.metrics_path):
+            return
+        with open(self.metrics_path) as f:
+            lines = [ln for ln in f if ln.strip()]
+        keep = []
+        for ln in lines:
+            try:
+                if json.loads(ln).get("step", 0) <= self.step:
+                    keep.append(ln)
+            except json.JSONDecodeError:
+                pass  # a line cut by a kill
+        with open(self.metrics_path, "w") as f:
+            f.writelines(keep)
+
+    def read_metrics(self) -> List[Dict[str, Any]]:
+        if not os.path.exists(self.metrics_path):
+            return []
+        with open(self.metrics_path) as f:
+            return [json.loads(ln) for ln in f if ln.strip()]
+
+    # ------------------------------------------------------------------------------------------ loop
+
+    def run(self, progress: bool = True, on_step: Optional[Callable[[Dict[str, Any]], None]] = None
+            ) -> List[Dict[str, Any]]:
+        """Trains to ``rl.steps`` (a tqdm bar with ETA unless ``progress`` is False; ``on_step`` sees each
+        step's metrics); checkpoints every ``train.checkpoint_every`` steps and at the end; returns the
+        run's metrics history (all steps in this work dir)."""
+        from tqdm import tqdm
+
+        total = int(self.config.rl.steps)
+        every = int(self.config.train.checkpoint_every)
+        writer = None
+        if self.config.train.tensorboard:
+            from tensorboardX import SummaryWriter
+
+            writer = SummaryWriter(os.path.join(self.workdir, "tb"))
+        bar = tqdm(total=total, initial=self.step, desc="GRPO", unit="step", disable=not progress,
+                   dynamic_ncols=True)
+        try:
+            while self.step < total:
+                metrics = self.train_step()
+                with open(self.metrics_path, "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+                if writer is not None:
+                    for k, v in metrics.items():
+                        if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                            writer.add_scalar(k, v, metrics["step"])
+                    writer.flush()
+                post = {"reward": f"{metrics['reward_mean']:.3f}", "acc": f"{metrics['accuracy']:.2f}",
+                        "len_p90": f"{metrics['len_p90']:.0f}", "tok/s": f"{metrics['tokens_per_s']:.0f}"}
+                if "accept_len" in metrics:
+                    post["accept"] = f"{metrics['accept_len']:.2f}"
+                bar.set_postfix(post)
+                bar.update(1)
+                if on_step is not None:
+                    on_step(metrics)
+                if self.step % every == 0 or self.step == total:
+                    self.save()
+        finally:
+            bar.close()
+            if writer is not None:
+                writer.close()
+        history = self.read_metrics()
+        if self.config.train.plots and history:
+            from tlt_jax.rl.plots import write_plots
+
+            write_plots(history, os.path.join(self.workdir, "plots"))
+        return history
+
