@@ -15,4 +15,13 @@ def get_config():
     c.rollout.max_prompt_len = 128
     c.rollout.max_new_tokens = 96
     c.rollout.chunk_steps = 16
+    # GRPO on the generated arithmetic task, sized for a 2-core CPU (about a minute per RL step).
+    c.rl.steps = 12
+    c.rl.prompts_per_step = 4
+    c.rl.group_size = 4
+    c.rl.max_new_tokens = 128
+    c.rl.temperature = 0.7
+    c.rl.lr = 2e-5
+    c.rl.format_weight = 0.5
+    c.train.checkpoint_every = 4
     return c

@@ -13,6 +13,7 @@ from typing import Any, Iterable, List, Optional, Sequence, Tuple
 
 import ml_collections
 
+from tlt_jax.data.tasks import INSTRUCTION as TASK_INSTRUCTION
 from tlt_jax.errors import ConfigError
 from tlt_jax.models.config import ModelConfig, RopeScaling
 
@@ -98,7 +99,7 @@ def base_config() -> ml_collections.ConfigDict:
         answer_field="answer",
         answer_format="raw",  # 'raw', 'gsm8k' (after '####') or 'boxed' (last \\boxed{} of a solution)
         limit=0,  # > 0: use the first N examples
-        instruction="Put the final answer in \\boxed{}.",  # appended to questions that lack it
+        instruction=TASK_INSTRUCTION,  # appended to questions that do not mention \\boxed
         mean_terms=2.0,  # the arithmetic task's mean number of terms (answer lengths grow with it)
         seed=0,
         shuffle=True,  # reshuffled every epoch (seeded)

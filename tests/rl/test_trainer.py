@@ -33,6 +33,8 @@ def test_a_short_run_logs_checkpoints_and_plots(tmp_path, capsys):
                 "time_reward", "time_logprob", "time_update", "tokens_per_s", "accept_len", "entropy", "kl"):
         assert all(key in r for r in rows), key
     assert rows[0]["reward_std"] > 0  # the test reward gives GRPO a signal
+    samples = [json.loads(x) for x in open(os.path.join(wd, "samples.jsonl"))]
+    assert len(samples) == 3 * 2 and {"question", "gold", "answer", "reward"} <= set(samples[0])
     assert glob.glob(os.path.join(wd, "tb", "events.out.tfevents.*"))
     assert sorted(os.listdir(os.path.join(wd, "plots"))) == ["lengths.png", "reward.png", "time_split.png"]
     assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["2", "3"]

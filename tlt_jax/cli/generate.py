@@ -1,4 +1,4 @@
-"""Answer sample prompts with a model from a config and report throughput (the current main job).
+"""Answer sample prompts with a model from a config and report throughput.
 
     tlt-generate --config configs/smollm2_135m.py [--config.rollout.max_new_tokens=64] [--prompt "..."]
 
@@ -8,7 +8,6 @@ greedy decoding; the acceptance length is reported), with the warmed drafter or 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -17,23 +16,15 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def main(argv=None) -> int:
-    from tlt_jax.config import load_config, split_config_args
-    from tlt_jax.errors import TltError
+def _arguments(ap) -> None:
+    ap.add_argument("--prompt", action="append", help="a user message (repeatable); default: job.prompts")
+    ap.add_argument("--json", help="write answers and timings to this file")
 
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        path, overrides, rest = split_config_args(argv)
-        ap = argparse.ArgumentParser(prog="tlt-generate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-        ap.add_argument("--prompt", action="append", help="a user message (repeatable); default: job.prompts")
-        ap.add_argument("--json", help="write answers and timings to this file")
-        args = ap.parse_args(rest)
-        config = load_config(path or "smollm2_135m", overrides)
-        return run(config, args)
-    except TltError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+
+def main(argv=None) -> int:
+    from tlt_jax.cli.common import config_main
+
+    return config_main("tlt-generate", __doc__, _arguments, run, argv)
 
 
 def run(config, args) -> int:

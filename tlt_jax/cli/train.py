@@ -9,7 +9,6 @@ DIR/plots. ``--resume`` continues a run from its newest checkpoint.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -17,24 +16,16 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def main(argv=None) -> int:
-    from tlt_jax.config import load_config, split_config_args
-    from tlt_jax.errors import TltError
+def _arguments(ap) -> None:
+    ap.add_argument("--workdir", required=True, help="where metrics, checkpoints and plots go")
+    ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --workdir")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar (one line per step instead)")
 
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        path, overrides, rest = split_config_args(argv)
-        ap = argparse.ArgumentParser(prog="tlt-train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-        ap.add_argument("--workdir", required=True, help="where metrics, checkpoints and plots go")
-        ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --workdir")
-        ap.add_argument("--no-progress", action="store_true", help="no progress bar (one line per step instead)")
-        args = ap.parse_args(rest)
-        config = load_config(path or "smollm2_135m", overrides)
-        return run(config, args)
-    except TltError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+
+def main(argv=None) -> int:
+    from tlt_jax.cli.common import config_main
+
+    return config_main("tlt-train", __doc__, _arguments, run, argv)
 
 
 def run(config, args) -> int:

@@ -10,7 +10,7 @@ from typing import List, NamedTuple
 
 import numpy as np
 
-INSTRUCTION = "Solve step by step, then give the final answer as \\boxed{N}."
+INSTRUCTION = "End your answer with the result in the form \\boxed{result}."
 
 
 class Problem(NamedTuple):

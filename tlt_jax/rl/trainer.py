@@ -7,6 +7,7 @@ the policy, its optimizer state, the drafter (when there is one), the step and t
 Work dir layout::
 
     metrics.jsonl        one JSON object per RL step (reward_mean, accuracy, lengths, time split, ...)
+    samples.jsonl        the first answer to each prompt of every step (question, gold, answer, reward)
     tb/                  TensorBoard events of the same metrics
     checkpoints/<step>/  orbax checkpoints (the newest ``train.keep_checkpoints``)
     plots/*.png          reward, answer lengths and time split, written at the end
@@ -151,6 +152,7 @@ class Trainer:
             self.log(f"[tlt] skipping {len(ids) - len(keep)} of {len(ids)} prompts longer than "
                      f"rollout.max_prompt_len={limit}")
         self.prompt_ids = [ids[i] for i in keep]
+        self.examples_text = [questions[i] for i in keep]
         self.golds = [self.examples[i].answer for i in keep]
 
     def _speculation(self, model):
@@ -292,6 +294,9 @@ class Trainer:
             time_update=t_update, rollout_tokens=int(lengths.sum()),
             tokens_per_s=float(lengths.sum() / max(t_rollout, 1e-9)), **percentiles(lengths))
         metrics["step_time"] = t_rollout + t_reward + t_logprob + t_update
+        self.last_samples = [
+            {"step": step + 1, "question": self.examples_text[i], "gold": self.golds[i], "answer": texts[k * g],
+             "reward": rew.rewards[k * g], "finish": res.finish_reasons[k * g]} for k, i in enumerate(idx)]
         if accept_len is not None:
             metrics["accept_len"] = float(accept_len)
         self.step = step + 1
@@ -336,21 +341,26 @@ class Trainer:
     def metrics_path(self) -> str:
         return os.path.join(self.workdir, "metrics.jsonl")
 
+    @property
+    def samples_path(self) -> str:
+        return os.path.join(self.workdir, "samples.jsonl")
+
     def _truncate_metrics(self) -> None:
-        """Drops metric lines of steps after the checkpoint (a killed run logs steps it never saved)."""
-        if not os.path.exists(self.metrics_path):
-            return
-        with open(self.metrics_path) as f:
-            lines = [ln for ln in f if ln.strip()]
-        keep = []
-        for ln in lines:
-            try:
-                if json.loads(ln).get("step", 0) <= self.step:
-                    keep.append(ln)
-            except json.JSONDecodeError:
-                pass  # a line cut by a kill
-        with open(self.metrics_path, "w") as f:
-            f.writelines(keep)
+        """Drops log lines of steps after the checkpoint (a killed run logs steps it never saved)."""
+        for path in (self.metrics_path, self.samples_path):
+            if not os.path.exists(path):
+                continue
+            with open(path) as f:
+                lines = [ln for ln in f if ln.strip()]
+            keep = []
+            for ln in lines:
+                try:
+                    if json.loads(ln).get("step", 0) <= self.step:
+                        keep.append(ln)
+                except json.JSONDecodeError:
+                    pass  # a line cut by a kill
+            with open(path, "w") as f:
+                f.writelines(keep)
 
     def read_metrics(self) -> List[Dict[str, Any]]:
         if not os.path.exists(self.metrics_path):
@@ -381,6 +391,8 @@ class Trainer:
                 metrics = self.train_step()
                 with open(self.metrics_path, "a") as f:
                     f.write(json.dumps(metrics) + "\n")
+                with open(self.samples_path, "a") as f:
+                    f.writelines(json.dumps(x) + "\n" for x in self.last_samples)
                 if writer is not None:
                     for k, v in metrics.items():
                         if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):

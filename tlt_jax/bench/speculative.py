@@ -1,0 +1,154 @@
+"""Speculative rollout throughput against plain decoding, measured side by side in one run.
+
+    python -m tlt_jax.bench.speculative [--json PATH] [--batches 1,4,16,32] [--temperatures 0,1]
+        [--strategies chain-2,chain-4,chain-8,4_2_8,6_4_16,8_4_32,ngram:chain-4] [--new-tokens 128] [--drafter DIR]
+
+Target: SmolLM2-135M-Instruct (embedded GGUF, float32) with the drafter saved by
+``python -m tlt_jax.drafter.warmup --config configs/smollm2_135m.py`` (``--drafter`` or the default
+directory). Prompts: held-out task prompts (the same generator as the warm-up, another seed). Every row stops
+at its EOS or after ``--new-tokens`` tokens. For each (batch, temperature) the plain rollout and every
+strategy run the same prompts with the same seed; each is run twice and the second, fully compiled, run is timed.
+
+Per row of the table: ``accept_len`` = tokens committed per target forward (verify step), ``tok_s`` = answer
+tokens per second of wall time (prefill included), ``plain_tok_s`` the plain rollout's, ``speedup`` their ratio.
+A strategy prefixed ``ngram:`` uses the model-free n-gram proposer instead of the drafter.
+
+Last, one verify forward of V tokens is timed against one decode step at batch 1 (``verify_cost`` in the
+JSON): at batch 1 the speedup is bounded by accept_len x decode_ms / verify_ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", default="")
+    ap.add_argument("--batches", default="1,4,16,32")
+    ap.add_argument("--temperatures", default="0,1")
+    ap.add_argument("--strategies", default="chain-2,chain-4,chain-8,4_2_8,6_4_16,8_4_32,ngram:chain-4")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--drafter", default="", help="drafter checkpoint directory (default: the warm-up's)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--verify-sizes", default="1,3,5,9,16,32",
+                    help="also time one verify forward of V tokens against one decode step (batch 1); '' skips")
+    args = ap.parse_args(argv)
+
+    import numpy as np
+
+    from tlt_jax.bench.common import machine_info, print_table, write_json
+    from tlt_jax.config import load_config
+    from tlt_jax.drafter.io import load_drafter
+    from tlt_jax.drafter.warmup import build_prompts, default_drafter_dir
+    from tlt_jax.errors import CheckpointError
+    from tlt_jax.models.tokenizer import load_tokenizer, stop_token_ids
+    from tlt_jax.models.weights import model_from_config
+    from tlt_jax.rollout import RolloutSpec, SamplingParams, generate
+    from tlt_jax.rollout.speculative import SpeculativeSpec, generate_speculative
+    from tlt_jax.rollout.tree import SpecStrategy
+
+    config = load_config("smollm2_135m")
+    _, model = model_from_config(config)
+    tokenizer = load_tokenizer(config.model.checkpoint)
+    stops = tuple(stop_token_ids(tokenizer, config.rollout.stop_strings))
+    strategies = []
+    for s in args.strategies.split(","):
+        proposer, _, name = s.rpartition(":")
+        strategies.append((s, SpeculativeSpec(SpecStrategy.parse(name), proposer=proposer or "eagle")))
+    drafter, meta = None, {}
+    if any(ss.proposer == "eagle" for _, ss in strategies):
+        ddir = args.drafter or default_drafter_dir(config)
+        try:
+            drafter, meta = load_drafter(ddir, model)
+        except (CheckpointError, FileNotFoundError) as e:
+            raise SystemExit(f"no usable drafter at {ddir} ({e}); run "
+                             f"`python -m tlt_jax.drafter.warmup --config configs/smollm2_135m.py` first")
+        print(f"drafter from {ddir} (warm-up acceptance {meta.get('extra', {}).get('accept_len_chain4_greedy')})",
+              flush=True)
+    w = config.drafter.warmup
+    batches = [int(b) for b in args.batches.split(",")]
+    all_prompts = build_prompts(tokenizer, max(batches), int(w.data_seed) + 5000, config.job.system_prompt or None)
+
+    rows = []
+    for temp in [float(t) for t in args.temperatures.split(",")]:
+        spec = RolloutSpec(max_new_tokens=args.new_tokens, stop_tokens=stops, chunk_steps=16,
+                           sampling=SamplingParams(temperature=temp))
+        for b in batches:
+            prompts = all_prompts[:b]
+            generate(model, prompts, spec, seed=args.seed)  # compiles (the timed call repeats it exactly)
+            t0 = time.perf_counter()
+            plain = generate(model, prompts, spec, seed=args.seed)
+            plain_s = time.perf_counter() - t0
+            plain_tok = int(plain.lengths.sum())
+            plain_tok_s = plain_tok / plain_s
+            print(f"T={temp:g} batch {b}: plain {plain_tok} tokens, {plain_tok_s:.1f} tok/s", flush=True)
+            for label, sspec in strategies:
+                generate_speculative(model, prompts, spec, sspec, drafter, seed=args.seed)  # compiles
+                t0 = time.perf_counter()
+                res = generate_speculative(model, prompts, spec, sspec, drafter, seed=args.seed)
+                sec = time.perf_counter() - t0
+                ntok = int(res.result.lengths.sum())
+                same = None
+                if temp == 0.0:  # lossless: greedy answers must be the plain ones
+                    same = all(a == p for a, p in zip(res.result.tokens, plain.tokens))
+                row = {"strategy": label, "batch": b, "temperature": temp, "accept_len": round(res.accept_len, 3),
+                       "tok_s": round(ntok / sec, 2), "plain_tok_s": round(plain_tok_s, 2),
+                       "speedup": round((ntok / sec) / plain_tok_s, 3), "tokens": ntok, "plain_tokens": plain_tok,
+                       "same_as_plain": same}
+                rows.append(row)
+                print(f"  {label:>14}: accept {row['accept_len']:.2f}  {row['tok_s']:.1f} tok/s  "
+                      f"x{row['speedup']:.2f}" + ("" if same is None else f"  same={same}"), flush=True)
+    cost = verify_cost(model, [int(v) for v in args.verify_sizes.split(",") if v]) if args.verify_sizes else []
+    print()
+    print_table(rows, ["strategy", "batch", "temperature", "accept_len", "tok_s", "plain_tok_s", "speedup"])
+    if cost:
+        print()
+        print_table(cost, ["verify_tokens", "verify_ms", "decode_ms", "ratio"])
+    write_json(args.json, {"rows": rows, "verify_cost": cost, "machine": machine_info(),
+                           "new_tokens": args.new_tokens, "drafter": meta.get("extra", {})})
+    return 0
+
+
+def verify_cost(model, sizes, prefix: int = 96, repeats: int = 20):
+    """Milliseconds of one verify forward of V chained tokens versus one decode step, batch 1, same cache.
+
+    The speculative speedup at batch 1 is at most accept_len x decode_ms / (verify_ms + drafting), so this
+    ratio says how much acceptance a machine needs before speculation pays.
+    """
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from tlt_jax.models.decoder import decode, prefill, verify
+    from tlt_jax.models.kv_cache import init_cache
+
+    graphdef, params = nnx.split(model)
+    cache = init_cache(model.cfg, 1, prefix + 64)
+    _, _, cache = prefill(model, jnp.ones((1, prefix), jnp.int32), jnp.ones((1, prefix), bool), cache)
+    dec = jax.jit(lambda p, c, t: decode(nnx.merge(graphdef, p), t, c)[0])
+    ver = jax.jit(lambda p, c, t, pos, m: verify(nnx.merge(graphdef, p), t, pos, m, c)[0])
+
+    def ms(fn, *a):
+        jax.block_until_ready(fn(*a))
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            jax.block_until_ready(fn(*a))
+        return (time.perf_counter() - t0) / repeats * 1e3
+
+    out = []
+    for v in sizes:
+        d = ms(dec, params, cache, jnp.ones((1,), jnp.int32))
+        pos = prefix + jnp.arange(v, dtype=jnp.int32)[None]
+        w = ms(ver, params, cache, jnp.ones((1, v), jnp.int32), pos, jnp.tril(jnp.ones((v, v), bool))[None])
+        out.append({"verify_tokens": v, "verify_ms": round(w, 2), "decode_ms": round(d, 2), "ratio": round(w / d, 3)})
+        print(f"verify {v} tokens: {w:.1f} ms, decode step {d:.1f} ms (x{w / d:.2f})", flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
