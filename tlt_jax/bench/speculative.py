@@ -2,12 +2,15 @@
 
     python -m tlt_jax.bench.speculative [--json PATH] [--batches 1,4,16,32] [--temperatures 0,1]
         [--strategies chain-2,chain-4,chain-8,4_2_8,6_4_16,8_4_32,ngram:chain-4] [--new-tokens 128] [--drafter DIR]
+        [--min-rows 4] [--verify-sizes 1,3,5,9,16,32]
 
 Target: SmolLM2-135M-Instruct (embedded GGUF, float32) with the drafter saved by
 ``python -m tlt_jax.drafter.warmup --config configs/smollm2_135m.py`` (``--drafter`` or the default
 directory). Prompts: held-out task prompts (the same generator as the warm-up, another seed). Every row stops
 at its EOS or after ``--new-tokens`` tokens. For each (batch, temperature) the plain rollout and every
 strategy run the same prompts with the same seed; each is run twice and the second, fully compiled, run is timed.
+A batch smaller than ``--min-rows`` (default 4) runs that many rows as disjoint groups one after the other (batch
+1: four prompts, one at a time), so a single short answer does not decide a cell.
 
 Per row of the table: ``accept_len`` = tokens committed per target forward (verify step), ``tok_s`` = answer
 tokens per second of wall time (prefill included), ``plain_tok_s`` the plain rollout's, ``speedup`` their ratio.
@@ -35,6 +38,8 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--drafter", default="", help="drafter checkpoint directory (default: the warm-up's)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--min-rows", type=int, default=4,
+                    help="a batch smaller than this runs several disjoint prompt groups, timed together")
     ap.add_argument("--verify-sizes", default="1,3,5,9,16,32",
                     help="also time one verify forward of V tokens against one decode step (batch 1); '' skips")
     args = ap.parse_args(argv)
@@ -72,34 +77,43 @@ def main(argv=None) -> int:
               flush=True)
     w = config.drafter.warmup
     batches = [int(b) for b in args.batches.split(",")]
-    all_prompts = build_prompts(tokenizer, max(batches), int(w.data_seed) + 5000, config.job.system_prompt or None)
+    all_prompts = build_prompts(tokenizer, max(max(batches), args.min_rows), int(w.data_seed) + 5000, config.job.system_prompt or None)
 
     rows = []
     for temp in [float(t) for t in args.temperatures.split(",")]:
         spec = RolloutSpec(max_new_tokens=args.new_tokens, stop_tokens=stops, chunk_steps=16,
                            sampling=SamplingParams(temperature=temp))
         for b in batches:
-            prompts = all_prompts[:b]
-            generate(model, prompts, spec, seed=args.seed)  # compiles (the timed call repeats it exactly)
-            t0 = time.perf_counter()
-            plain = generate(model, prompts, spec, seed=args.seed)
-            plain_s = time.perf_counter() - t0
-            plain_tok = int(plain.lengths.sum())
+            groups = [all_prompts[i * b:(i + 1) * b] for i in range(max(1, -(-args.min_rows // b)))]
+
+            def timed(fn):
+                """Runs every group (the first run of each also compiles, untimed); returns (outputs, seconds)."""
+                outs, sec = [], 0.0
+                for g in groups:
+                    fn(g)
+                    t0 = time.perf_counter()
+                    outs.append(fn(g))
+                    sec += time.perf_counter() - t0
+                return outs, sec
+
+            plain, plain_s = timed(lambda g: generate(model, g, spec, seed=args.seed))
+            plain_tok = sum(int(p.lengths.sum()) for p in plain)
             plain_tok_s = plain_tok / plain_s
-            print(f"T={temp:g} batch {b}: plain {plain_tok} tokens, {plain_tok_s:.1f} tok/s", flush=True)
+            print(f"T={temp:g} batch {b} ({len(groups)} group(s)): plain {plain_tok} tokens, {plain_tok_s:.1f} tok/s",
+                  flush=True)
             for label, sspec in strategies:
-                generate_speculative(model, prompts, spec, sspec, drafter, seed=args.seed)  # compiles
-                t0 = time.perf_counter()
-                res = generate_speculative(model, prompts, spec, sspec, drafter, seed=args.seed)
-                sec = time.perf_counter() - t0
-                ntok = int(res.result.lengths.sum())
+                outs, sec = timed(lambda g: generate_speculative(model, g, spec, sspec, drafter, seed=args.seed))
+                ntok = sum(int(o.result.lengths.sum()) for o in outs)
+                committed = sum(int(o.result.lengths.sum()) - len(o.result.lengths) for o in outs)
+                forwards = sum(int(o.verifies.sum()) for o in outs)
                 same = None
                 if temp == 0.0:  # lossless: greedy answers must be the plain ones
-                    same = all(a == p for a, p in zip(res.result.tokens, plain.tokens))
-                row = {"strategy": label, "batch": b, "temperature": temp, "accept_len": round(res.accept_len, 3),
+                    same = all(a == p for o, pl in zip(outs, plain) for a, p in zip(o.result.tokens, pl.tokens))
+                accept = committed / forwards if forwards else 0.0
+                row = {"strategy": label, "batch": b, "temperature": temp, "accept_len": round(accept, 3),
                        "tok_s": round(ntok / sec, 2), "plain_tok_s": round(plain_tok_s, 2),
                        "speedup": round((ntok / sec) / plain_tok_s, 3), "tokens": ntok, "plain_tokens": plain_tok,
-                       "same_as_plain": same}
+                       "groups": len(groups), "same_as_plain": same}
                 rows.append(row)
                 print(f"  {label:>14}: accept {row['accept_len']:.2f}  {row['tok_s']:.1f} tok/s  "
                       f"x{row['speedup']:.2f}" + ("" if same is None else f"  same={same}"), flush=True)
