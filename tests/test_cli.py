@@ -1,4 +1,4 @@
-"""The main job end to end on the embedded model (short answers)."""
+"""The commands end to end: the main job (GRPO) and tlt-generate on the embedded model, tlt-inspect."""
 
 import json
 
@@ -6,10 +6,25 @@ import pytest
 
 from tlt_jax.cli.generate import main as generate_main
 from tlt_jax.cli.inspect_model import main as inspect_main
+from tlt_jax.cli.train import main as train_main
 
 
 @pytest.mark.slow
-def test_main_job_answers_prompts(tmp_path, capsys):
+def test_main_job_trains_the_embedded_model(tmp_path, capsys):
+    wd = tmp_path / "run"
+    rc = train_main(["--config", "configs/smollm2_135m.py", "--workdir", str(wd), "--no-progress",
+                     "--config.rl.steps=1", "--config.rl.prompts_per_step=2", "--config.rl.group_size=2",
+                     "--config.rl.max_new_tokens=16", "--config.rl.minibatches=1", "--config.train.plots=False"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "TLT: speculative rollouts" in out and "done: 1 steps" in out
+    row = json.loads((wd / "metrics.jsonl").read_text())
+    assert row["rollout_tokens"] > 0 and row["accept_len"] >= 1.0 and row["time_update"] > 0
+    assert (wd / "checkpoints" / "1").is_dir()
+
+
+@pytest.mark.slow
+def test_generate_answers_prompts(tmp_path, capsys):
     out = tmp_path / "answers.json"
     rc = generate_main(["--config", "configs/smollm2_135m.py", "--config.rollout.max_new_tokens=12",
                         "--prompt", "What is 2 + 2?", "--prompt", "Say hello.", "--json", str(out)])
