@@ -60,6 +60,13 @@ class RolloutState:
     rng: jax.Array
 
 
+def is_stop_token(tok: jax.Array, spec: RolloutSpec) -> jax.Array:
+    """Bool array shaped like ``tok``: which tokens are stop tokens of ``spec``."""
+    if not spec.stop_tokens:
+        return jnp.zeros(tok.shape, bool)
+    return jnp.isin(tok, jnp.asarray(spec.stop_tokens, jnp.int32))
+
+
 def _record(state_fields, tok, lp, active, spec: RolloutSpec, cache_len_now, cache_size):
     """Appends the sampled token of active rows and updates done / finish."""
     tokens, logprobs, num, done, finish, max_new = state_fields
@@ -69,10 +76,7 @@ def _record(state_fields, tok, lp, active, spec: RolloutSpec, cache_len_now, cac
     tokens = tokens.at[rows, col].set(tok, mode="drop")
     logprobs = logprobs.at[rows, col].set(lp.astype(logprobs.dtype), mode="drop")
     num = num + active.astype(jnp.int32)
-    if spec.stop_tokens:
-        is_stop = jnp.isin(tok, jnp.asarray(spec.stop_tokens, jnp.int32))
-    else:
-        is_stop = jnp.zeros_like(active)
+    is_stop = is_stop_token(tok, spec)
     at_len = num >= max_new
     cache_full = cache_len_now >= cache_size
     reason = jnp.where(is_stop, FINISH_STOP, jnp.where(at_len, FINISH_LENGTH,

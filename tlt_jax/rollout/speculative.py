@@ -34,7 +34,8 @@ from tlt_jax.models.drafter import Drafter, init_drafter_cache
 from tlt_jax.models.kv_cache import KVCache, init_cache
 from tlt_jax.rollout.acceptance import get_rule
 from tlt_jax.rollout.decode import (FINISH_CACHE, FINISH_LENGTH, FINISH_NAMES, FINISH_RUNNING, FINISH_STOP,
-                                    RolloutResult, RolloutSpec, _constrain_cache, prepare_batch)
+                                    RolloutResult, RolloutSpec, _constrain_cache, is_stop_token,
+                                    prepare_batch)
 from tlt_jax.rollout.ngram import propose_ngram
 from tlt_jax.rollout.sampling import sample
 from tlt_jax.rollout.tree import DraftTree, SpecStrategy, ancestor_mask, chain_tree
@@ -209,19 +210,13 @@ def start_speculative(params, dparams, prompt_tokens, prompt_valid, max_new, rng
     tokens = jnp.zeros((b, nmax), jnp.int32).at[:, 0].set(tok)
     logprobs = jnp.zeros((b, nmax), jnp.float32).at[:, 0].set(lp.astype(jnp.float32))
     num = jnp.ones((b,), jnp.int32)
-    stop = _is_stop(tok, spec)
+    stop = is_stop_token(tok, spec)
     reason = jnp.where(stop, FINISH_STOP, jnp.where(num >= max_new, FINISH_LENGTH,
                                                      jnp.where(n >= cache_len, FINISH_CACHE, FINISH_RUNNING)))
     zeros = jnp.zeros((b,), jnp.int32)
     return SpecState(cache=cache, dcache=dcache, draft_hidden=draft_hidden, history=history, next_token=tok,
                      tokens=tokens, logprobs=logprobs, num_tokens=num, done=reason != FINISH_RUNNING,
                      finish=reason, max_new=max_new, accepted=zeros, verifies=zeros, rng=rng)
-
-
-def _is_stop(tok, spec: RolloutSpec):
-    if not spec.stop_tokens:
-        return jnp.zeros(tok.shape, bool)
-    return jnp.isin(tok, jnp.asarray(spec.stop_tokens, jnp.int32))
 
 
 def speculative_step(model: Decoder, drafter: Optional[Drafter], head_w, st: SpecState, spec: RolloutSpec,
@@ -250,7 +245,7 @@ def speculative_step(model: Decoder, drafter: Optional[Drafter], head_w, st: Spe
     w = d_max + 1
     j = jnp.arange(w, dtype=jnp.int32)[None, :]
     emitted = acc.num_accepted + 1
-    stop_at = jnp.where(_is_stop(acc.tokens, spec) & (j < emitted[:, None]), j, w)
+    stop_at = jnp.where(is_stop_token(acc.tokens, spec) & (j < emitted[:, None]), j, w)
     first_stop = jnp.min(stop_at, axis=1)
     count = jnp.minimum(emitted, first_stop + 1)
     count = jnp.minimum(count, st.max_new - st.num_tokens)
@@ -265,7 +260,7 @@ def speculative_step(model: Decoder, drafter: Optional[Drafter], head_w, st: Spe
     history = st.history.at[rows[:, None], hist_cols].set(acc.tokens, mode="drop")
     last_tok = jnp.take_along_axis(acc.tokens, jnp.maximum(count - 1, 0)[:, None], axis=1)[:, 0]
     new_len = n + count
-    reason = jnp.where(_is_stop(last_tok, spec), FINISH_STOP,
+    reason = jnp.where(is_stop_token(last_tok, spec), FINISH_STOP,
                        jnp.where(num >= st.max_new, FINISH_LENGTH,
                                  jnp.where(new_len >= s_max, FINISH_CACHE, FINISH_RUNNING)))
     newly = active & (reason != FINISH_RUNNING)
