@@ -69,3 +69,4 @@ def test_generated_task_is_seeded_and_long_tailed():
 def test_instruction_is_appended_once():
     assert with_instruction("What is 1+1?", "Box it.") == "What is 1+1? Box it."
     assert with_instruction("What is 1+1? Box it.", "Box it.") == "What is 1+1? Box it."
+    assert with_instruction("Give \\boxed{x}.", "Box it.") == "Give \\boxed{x}."

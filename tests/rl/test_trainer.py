@@ -4,6 +4,7 @@ import glob
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -77,11 +78,11 @@ def test_a_nan_loss_skips_the_step_with_a_warning(tmp_path, monkeypatch):
         return adv * np.nan if len(calls) == 1 else adv
 
     monkeypatch.setattr(grpo, "group_advantages", poisoned)
-    before = [np.asarray(x).copy() for x in __import__("jax").tree.leaves(trainer.params)]
+    before = [np.asarray(x).copy() for x in jax.tree.leaves(trainer.params)]
     with pytest.warns(RuntimeWarning, match="update skipped"):
         first = trainer.train_step()
     assert first["skipped_updates"] == int(config.rl.minibatches)
-    for a, b in zip(before, __import__("jax").tree.leaves(trainer.params)):
+    for a, b in zip(before, jax.tree.leaves(trainer.params)):
         np.testing.assert_array_equal(a, np.asarray(b))
     second = trainer.train_step()  # the run goes on and updates again
     assert second["skipped_updates"] == 0 and second["step"] == 2

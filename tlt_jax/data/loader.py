@@ -115,7 +115,8 @@ def load_examples(source: str, *, subset: str = "", split: str = "train", questi
 
 
 def with_instruction(question: str, instruction: str) -> str:
-    """The question with the answer-format instruction appended (unless it already ends with it)."""
-    if not instruction or instruction in question:
+    """The question with the answer-format instruction appended, unless it already holds the instruction or
+    already asks for a \\boxed answer."""
+    if not instruction or instruction in question or "\\boxed" in question:
         return question
     return f"{question.rstrip()} {instruction}"

@@ -50,8 +50,8 @@ def _unleaves(like, flat: Dict[str, Any]):
     return jax.tree.unflatten(treedef, [flat[f"{i:05d}"] for i in range(len(leaves))])
 
 
-def _abstract(tree):
-    return {k: jax.ShapeDtypeStruct(np.shape(v), v.dtype) for k, v in _leaves(tree).items()}
+def _abstract(flat: Dict[str, Any]) -> Dict[str, jax.ShapeDtypeStruct]:
+    return {k: jax.ShapeDtypeStruct(np.shape(v), v.dtype) for k, v in flat.items()}
 
 
 def load_reward_fn(name: str, format_weight: float) -> Callable:
@@ -131,7 +131,7 @@ class Trainer:
         else:
             with open(os.path.join(self.workdir, "config.json"), "w") as f:
                 f.write(config.to_json(indent=1))
-        self._truncate_metrics()
+        self._truncate_logs()
 
     # ------------------------------------------------------------------------------------------ setup
 
@@ -142,7 +142,7 @@ class Trainer:
         c = self.config
         if not self.examples:
             raise DataError(f"data source {c.data.source!r} gave no examples")
-        questions = [q if "\\boxed" in q else with_instruction(q, c.data.instruction) for q, _ in self.examples]
+        questions = [with_instruction(q, c.data.instruction) for q, _ in self.examples]
         ids = chat_prompt_ids(self.tokenizer, questions, c.job.system_prompt or None)
         limit = int(c.rollout.max_prompt_len)
         keep = [i for i, p in enumerate(ids) if len(p) <= limit]
@@ -324,8 +324,7 @@ class Trainer:
         if bool(meta.get("drafter")) != (self.drafter is not None):
             raise CheckpointError(f"checkpoint step {step} was written {'with' if meta.get('drafter') else 'without'}"
                                   f" a learned drafter; this run has {'one' if self.drafter else 'none'}")
-        want = {k: {kk: jax.ShapeDtypeStruct(np.shape(v), v.dtype) for kk, v in d.items()}
-                for k, d in self.state_items().items()}
+        want = {k: _abstract(flat) for k, flat in self.state_items().items()}
         step, items, meta = checkpoint.restore(self.ckpt_dir, want, step)
         self.params = _unleaves(self.params, items["policy"])
         self.opt_state = _unleaves(self.opt_state, items["opt"])
@@ -345,7 +344,7 @@ class Trainer:
     def samples_path(self) -> str:
         return os.path.join(self.workdir, "samples.jsonl")
 
-    def _truncate_metrics(self) -> None:
+    def _truncate_logs(self) -> None:
         """Drops log lines of steps after the checkpoint (a killed run logs steps it never saved)."""
         for path in (self.metrics_path, self.samples_path):
             if not os.path.exists(path):
