@@ -5,11 +5,16 @@ the pairs (f_t, x_{t+1}) for t < L - 1 with causal attention (teacher forcing) a
 f_{t+1}. Loss per position: smooth-L1(f_hat, f_{t+1}) (mean over H) + 0.1 x cross-entropy between the target's
 distribution softmax(head(f_{t+1})) and the drafter's softmax(head(f_hat)), both over the draft vocabulary;
 averaged over the positions ``loss_mask`` selects (response tokens).
+
+Packed rows: with ``segments`` (0 = padding, k > 0 = the k-th sequence in the row) several sequences share a
+row. Attention is then causal *and* within a segment, RoPE positions restart at 0 at each segment start, and
+the pair (f_t, x_{t+1}) only counts when t and t + 1 lie in the same (non-padding) segment, so the loss of a
+packed row is the token-weighted mean of its sequences' losses computed one by one.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import chex
 import jax
@@ -35,9 +40,18 @@ def target_features(model: Decoder, tokens: jax.Array, valid: jax.Array) -> jax.
     return model(tokens, positions, mask, None, logit_index=jnp.zeros((b, 1), jnp.int32)).hidden
 
 
+def segment_positions(segments: jax.Array) -> jax.Array:
+    """[B, T] int32 position of each token within its segment (0 at each segment start; padding included)."""
+    b, t = segments.shape
+    idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
+    start = jnp.concatenate([jnp.ones((b, 1), bool), segments[:, 1:] != segments[:, :-1]], axis=1)
+    first = jax.lax.cummax(jnp.where(start, idx, 0), axis=1)
+    return idx - first
+
+
 def drafter_loss(drafter: Drafter, target: Decoder, tokens: jax.Array, feats: jax.Array, loss_mask: jax.Array,
-                 head_w: jax.Array, noise_key: jax.Array = None, noise: float = 0.0
-                 ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+                 head_w: jax.Array, noise_key: jax.Array = None, noise: float = 0.0,
+                 segments: Optional[jax.Array] = None) -> Tuple[jax.Array, Dict[str, jax.Array]]:
     """Mean EAGLE loss and metrics.
 
     Args:
@@ -46,20 +60,33 @@ def drafter_loss(drafter: Drafter, target: Decoder, tokens: jax.Array, feats: ja
       head_w: ``drafter.head_weight(target)`` (the draft vocabulary's rows of the LM head).
       noise_key, noise: uniform noise in [-noise, noise] added to the *input* features (not the targets), so
         the drafter learns to continue from its own imperfect features at draft time.
+      segments: optional [B, L] int32 for packed rows (0 = padding, k > 0 = the k-th sequence of the row):
+        attention stays within a segment, positions restart per segment, and pairs across segments or in the
+        padding never count. None: one sequence per row (right padded), as before.
     """
     b, l = tokens.shape
     chex.assert_shape(feats, (b, l, drafter.cfg.hidden_size))
     chex.assert_shape(loss_mask, (b, l))
     t = l - 1
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
-    causal = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool))[None], (b, t, t))
+    m = loss_mask[:, 1:]
+    if segments is None:
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
+        causal = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool))[None], (b, t, t))
+    else:
+        chex.assert_shape(segments, (b, l))
+        # Input t is the pair (f_t, x_{t+1}); it belongs to f_t's segment. The one pair that straddles a boundary
+        # (last token of a sequence, first of the next) is only attended by itself and never counts.
+        seg = segments[:, :-1]
+        positions = segment_positions(seg)
+        causal = jnp.tril(jnp.ones((t, t), bool))[None] & (seg[:, :, None] == seg[:, None, :])
+        m = m & (seg == segments[:, 1:]) & (segments[:, 1:] != 0)
     inp = feats[:, :-1]
     if noise and noise_key is not None:
         inp = inp + jax.random.uniform(noise_key, inp.shape, inp.dtype, -noise, noise)
     pred, _, _ = drafter(target, tokens[:, 1:], inp, positions, causal)
     pred = pred.astype(jnp.float32)
     tgt = jax.lax.stop_gradient(feats[:, 1:].astype(jnp.float32))
-    m = loss_mask[:, 1:].astype(jnp.float32)
+    m = m.astype(jnp.float32)
     reg = smooth_l1(pred - tgt).mean(-1)
     w = jax.lax.stop_gradient(head_w)
     p = jax.nn.softmax(drafter.logits(tgt, w), axis=-1)

@@ -29,18 +29,20 @@ def split_drafter(drafter: Drafter):
 
 @functools.partial(jax.jit, static_argnames=("dgraphdef", "tgraphdef", "optimizer", "noise"),
                    donate_argnames=("dparams", "opt_state"))
-def train_step(dparams, drest, opt_state, tparams, tokens, feats, loss_mask, key=None, *, dgraphdef, tgraphdef,
-               optimizer: optax.GradientTransformation, noise: float = 0.0
+def train_step(dparams, drest, opt_state, tparams, tokens, feats, loss_mask, key=None, segments=None, *, dgraphdef,
+               tgraphdef, optimizer: optax.GradientTransformation, noise: float = 0.0
                ) -> Tuple[object, object, Dict[str, jax.Array]]:
     """One update of the drafter's own parameters; the target's (embedding, head) are read, not trained.
 
     ``key`` and ``noise``: optional uniform input-feature noise (see :func:`drafter_loss`).
+    ``segments``: optional [B, L] int32 segment ids of packed rows (0 = padding; see :func:`drafter_loss`).
     """
     target: Decoder = nnx.merge(tgraphdef, tparams)
 
     def loss_fn(p):
         drafter = nnx.merge(dgraphdef, p, drest)
-        return drafter_loss(drafter, target, tokens, feats, loss_mask, drafter.head_weight(target), key, noise)
+        return drafter_loss(drafter, target, tokens, feats, loss_mask, drafter.head_weight(target), key, noise,
+                            segments)
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(dparams)
     updates, opt_state = optimizer.update(grads, opt_state, dparams)
