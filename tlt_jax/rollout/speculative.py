@@ -40,12 +40,16 @@ from tlt_jax.rollout.ngram import propose_ngram
 from tlt_jax.rollout.sampling import sample
 from tlt_jax.rollout.tree import DraftTree, SpecStrategy, ancestor_mask, chain_tree
 
-PROPOSERS = ("eagle", "ngram")
+PROPOSERS = ("eagle", "ngram", "none")
 
 
 @dataclasses.dataclass(frozen=True)
 class SpeculativeSpec:
-    """Static settings of speculation (hashable): the strategy, the proposer and the acceptance rule."""
+    """Static settings of speculation (hashable): the strategy, the proposer and the acceptance rule.
+
+    Proposer ``"none"`` drafts nothing: each step is one plain decode step (the strategy is ignored) on the
+    same state, so the adaptive engine can switch speculation off and on between chunks for free.
+    """
 
     strategy: SpecStrategy = SpecStrategy(depth=4)
     proposer: str = "eagle"
@@ -56,12 +60,35 @@ class SpeculativeSpec:
     def __post_init__(self):
         if self.proposer not in PROPOSERS:
             raise ConfigError(f"unknown draft proposer {self.proposer!r}; choose one of {PROPOSERS}")
+        if self.proposer == "none":
+            object.__setattr__(self, "strategy", SpecStrategy(depth=1))  # one canonical (hashable) plain spec
         if self.proposer == "ngram" and not self.strategy.is_chain:
             raise ConfigError(f"the n-gram proposer drafts chains only (top_k 1); got strategy "
                               f"{self.strategy.name}")
         if not 1 <= self.ngram_min <= self.ngram_max:
             raise ConfigError(f"need 1 <= ngram_min <= ngram_max, got {self.ngram_min}, {self.ngram_max}")
         get_rule(self.acceptance)
+
+    @property
+    def draft_depth(self) -> int:
+        """Draft tokens on the longest path (0 for plain steps)."""
+        return 0 if self.proposer == "none" else self.strategy.depth
+
+    @property
+    def arm(self) -> str:
+        """Short name: 'plain', 'ngram:chain-3', or the EAGLE strategy's name ('4_2_8')."""
+        if self.proposer == "none":
+            return "plain"
+        return f"ngram:{self.strategy.name}" if self.proposer == "ngram" else self.strategy.name
+
+    @staticmethod
+    def from_arm(arm: str, ngram_max: int = 3, ngram_min: int = 1) -> "SpeculativeSpec":
+        """Inverse of :attr:`arm`."""
+        if arm == "plain":
+            return SpeculativeSpec(proposer="none")
+        proposer, _, name = str(arm).rpartition(":")
+        return SpeculativeSpec(SpecStrategy.parse(name), proposer=proposer or "eagle", ngram_max=ngram_max,
+                               ngram_min=ngram_min)
 
 
 @flax.struct.dataclass
@@ -190,7 +217,7 @@ def start_speculative(params, dparams, prompt_tokens, prompt_valid, max_new, rng
     history = jnp.zeros((b, cache_len + 1), jnp.int32)
     history = history.at[rows[:, None], jnp.where(valid, rank, cache_len + 1)].set(prompt_tokens, mode="drop")
     history = history.at[rows, n].set(tok)
-    if sspec.proposer == "eagle":
+    if dgraphdef is not None:
         drafter: Drafter = nnx.merge(dgraphdef, dparams)
         # Pair at prompt index t: (f_t, next valid token), the sampled token after the last valid one.
         last = jnp.argmax(jnp.where(valid, jnp.arange(p)[None], -1), axis=1)
@@ -222,7 +249,7 @@ def start_speculative(params, dparams, prompt_tokens, prompt_valid, max_new, rng
 def speculative_step(model: Decoder, drafter: Optional[Drafter], head_w, st: SpecState, spec: RolloutSpec,
                      sspec: SpeculativeSpec) -> SpecState:
     strat = sspec.strategy
-    d_max = strat.depth
+    d_max = sspec.draft_depth
     b = st.next_token.shape[0]
     rows = jnp.arange(b)
     active = ~st.done
@@ -232,6 +259,8 @@ def speculative_step(model: Decoder, drafter: Optional[Drafter], head_w, st: Spe
     # 1. draft
     if sspec.proposer == "eagle":
         tree = grow_tree(drafter, model, head_w, st.dcache, st.draft_hidden, st.next_token, strat)
+    elif sspec.proposer == "none":
+        tree = chain_tree(st.next_token, jnp.zeros((b, 0), jnp.int32))
     else:
         drafts = propose_ngram(st.history, n + 1, d_max, sspec.ngram_max, sspec.ngram_min)
         tree = chain_tree(st.next_token, drafts)
@@ -276,7 +305,7 @@ def speculative_step(model: Decoder, drafter: Optional[Drafter], head_w, st: Spe
         vs.append(vc)
     cache = cache.replace(k=tuple(ks), v=tuple(vs), lengths=new_len)
     dcache, draft_hidden = st.dcache, st.draft_hidden
-    if sspec.proposer == "eagle":
+    if drafter is not None:  # the drafter follows every commit, whichever proposer drafted
         feats = jnp.take_along_axis(hidden, path[:, :, None], axis=1)  # target features of root + accepted
         dcache, out = _extend_drafter(drafter, model, dcache, feats, acc.tokens, count, active & ~newly)
         draft_hidden = jnp.where((active & ~newly)[:, None], out.astype(draft_hidden.dtype), draft_hidden)
@@ -299,8 +328,8 @@ def speculative_chunk(params, dparams, state: SpecState, *, graphdef, dgraphdef,
                       sspec: SpeculativeSpec) -> SpecState:
     """At most ``spec.chunk_steps`` draft/verify steps; returns early when every row is done."""
     model: Decoder = nnx.merge(graphdef, params)
-    drafter = nnx.merge(dgraphdef, dparams) if sspec.proposer == "eagle" else None
-    head_w = drafter.head_weight(model) if drafter is not None else None  # once per chunk
+    drafter = nnx.merge(dgraphdef, dparams) if dgraphdef is not None else None
+    head_w = drafter.head_weight(model) if sspec.proposer == "eagle" else None  # once per chunk
 
     def cond(carry):
         i, st = carry
