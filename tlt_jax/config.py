@@ -90,6 +90,27 @@ def base_config() -> ml_collections.ConfigDict:
     # ---- RL training (tlt-train)
     c.tlt = ml_collections.ConfigDict(dict(
         enable=True,  # the A/B switch: True = speculative rollouts (TLT), False = plain rollouts (baseline)
+        adaptive=True,  # the adaptive engine; False: speculative.strategy on the whole batch, all the way
+        replicas=2,  # rollout replicas (sub-meshes of the devices); finished ones train the drafter
+        sd_threshold=32,  # speculation is considered once a replica's live rows fit this bucket
+        arms=("chain-4", "4_2_8"),  # BEG-MAB arms with the learned drafter (per bucket <= sd_threshold)
+        ngram_arms=("ngram:chain-3",),  # arms while the drafter is not warm (TLT-Base: the only ones)
+        plain_arm=True,  # plain decoding competes with the strategies (speculation must pay for itself)
+        epsilon=0.1,  # bandit exploration rate
+        window=8,  # bandit reward window (median)
+        compact=True,  # compact live rows into power-of-two buckets as rows finish
+        max_programs=64,  # bound of the compiled-program pool
+        spot_training=True,  # train the drafter on finished replicas; False keeps it frozen
+        spot_rows=4,  # packed rows per drafter update
+        spot_seq_len=256,
+        spot_lr=3e-4,
+        spot_weight_decay=0.0,
+        spot_noise=0.0,  # uniform noise on the drafter's input features while training
+        spot_max_steps=0,  # drafter updates per replica and rollout (0: until the rollout ends)
+        warm_after=20,  # a drafter that was never warmed proposes after this many online updates
+        buffer_capacity=256,  # answers held by the drafter data buffer
+        buffer_window=512,  # the last <= this many tokens of an answer are kept
+        buffer_lag=2,  # features of the last this-many RL steps are sampled (never the current one)
     ))
     c.data = ml_collections.ConfigDict(dict(
         source="arithmetic",  # 'arithmetic' (generated, offline), a hub name, or a local .json/.jsonl/.parquet
@@ -349,6 +370,25 @@ def _validate_rl(cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError("data.limit must be >= 0 and data.mean_terms >= 1")
     if int(cfg.train.checkpoint_every) < 1 or int(cfg.train.keep_checkpoints) < 1:
         raise ConfigError("train.checkpoint_every and train.keep_checkpoints must be >= 1")
+    t = cfg.tlt
+    if int(t.buffer_window) < 2:
+        raise ConfigError(f"tlt.buffer_window must be >= 2 (a sequence needs a token to predict), got "
+                          f"{t.buffer_window}")
+    for key in ("replicas", "max_programs", "spot_rows", "buffer_capacity", "buffer_lag", "window"):
+        if int(t[key]) < 1:
+            raise ConfigError(f"tlt.{key} must be >= 1, got {t[key]}")
+    for key in ("sd_threshold", "spot_max_steps", "warm_after", "spot_weight_decay", "spot_noise"):
+        if float(t[key]) < 0:
+            raise ConfigError(f"tlt.{key} must be >= 0, got {t[key]}")
+    if int(t.spot_seq_len) < 2 or float(t.spot_lr) <= 0 or not 0 <= float(t.epsilon) <= 1:
+        raise ConfigError("need tlt.spot_seq_len >= 2, tlt.spot_lr > 0 and 0 <= tlt.epsilon <= 1")
+    if rows % int(t.replicas):
+        raise ConfigError(f"tlt.replicas ({t.replicas}) must divide the rollout batch prompts_per_step x "
+                          f"group_size ({rows})")
+    if t.enable and t.adaptive:
+        from tlt_jax.engine.adaptive import EngineConfig  # local: keeps config import light
+
+        EngineConfig.from_config(cfg)  # checks the arms
 
 
 def model_config_from_arch(cfg: ml_collections.ConfigDict) -> ModelConfig:

@@ -77,7 +77,8 @@ def percentiles(lengths: Sequence[int]) -> Dict[str, float]:
 class Trainer:
     """Holds the run's state; :meth:`run` trains to ``rl.steps``."""
 
-    def __init__(self, config, workdir: str, *, resume: bool = False, log: Callable[[str], None] = print):
+    def __init__(self, config, workdir: str, *, resume: bool = False, log: Callable[[str], None] = print,
+                 pool=None):
         from tlt_jax.data.loader import load_examples
         from tlt_jax.models.tokenizer import load_tokenizer, stop_token_ids
         from tlt_jax.models.weights import model_from_config
@@ -125,6 +126,10 @@ class Trainer:
         self.opt_state = self.optimizer.init(self.params)
         self.reward_fn = load_reward_fn(rl.reward, float(rl.format_weight))
         self.sspec, self.drafter = self._speculation(model)
+        self.engine = self.spot = self.buffer = None
+        self.drafter_warm = self.drafter is not None
+        if config.tlt.enable and config.tlt.adaptive:
+            self._build_engine(model, pool)
         self.step = 0
         if resume and existing is not None:
             self._restore()
@@ -167,6 +172,18 @@ class Trainer:
         try:
             sspec, drafter = speculation_from_config(self.config, model)
         except CheckpointError as e:
+            t = self.config.tlt
+            if t.adaptive and t.spot_training:
+                from tlt_jax.models.drafter import Drafter
+
+                self.log(f"[tlt] no warmed drafter ({str(e).split('.')[0]}); a fresh one trains on idle replicas "
+                         f"and the n-gram proposer drafts until it has had {int(t.warm_after)} updates")
+                sp = self.config.speculative
+                sspec = SpeculativeSpec(SpecStrategy.parse(sp.strategy), ngram_max=int(sp.ngram_max),
+                                        ngram_min=int(sp.ngram_min))
+                drafter = Drafter(self.model_cfg, nnx.Rngs(int(self.config.seed) + 17))
+                self._fresh_drafter = True
+                return sspec, drafter
             strategy = SpecStrategy.parse(self.config.speculative.strategy)
             if not strategy.is_chain:
                 strategy = SpecStrategy(depth=strategy.depth)
@@ -195,12 +212,68 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ one step
 
+    def _build_engine(self, model, pool) -> None:
+        from tlt_jax.drafter.buffer import DrafterBuffer
+        from tlt_jax.drafter.spot import SpotTrainer, constant_optimizer
+        from tlt_jax.drafter.train import split_drafter
+        from tlt_jax.engine import AdaptiveEngine, EngineConfig
+        from tlt_jax.rollout.decode import default_cache_len
+
+        c, t = self.config, self.config.tlt
+        ecfg = EngineConfig.from_config(c)
+        rows = int(c.rl.prompts_per_step) * int(c.rl.group_size)
+        cache_len = int(c.rollout.cache_len) or default_cache_len(
+            -(-int(c.rollout.max_prompt_len) // 8) * 8, int(c.rl.max_new_tokens))
+        dgraphdef = nnx.split(self.drafter)[0] if self.drafter is not None else None
+        self.engine = AdaptiveEngine(self.graphdef, self.spec, ecfg, batch_size=rows, cache_len=cache_len,
+                                     dgraphdef=dgraphdef, pool=pool)
+        if self.drafter is not None and t.spot_training:
+            self.buffer = DrafterBuffer(int(t.buffer_capacity), int(t.buffer_window), int(t.buffer_lag))
+            tg, dparams, drest = split_drafter(self.drafter)
+            self.spot = SpotTrainer(tg, dparams, drest, self.graphdef, self.buffer,
+                                    constant_optimizer(float(t.spot_lr), float(t.spot_weight_decay)),
+                                    rows=int(t.spot_rows), seq_len=int(t.spot_seq_len), seed=int(c.seed),
+                                    noise=float(t.spot_noise), max_steps_per_rollout=int(t.spot_max_steps))
+        self.drafter_warm = self.drafter is not None and not getattr(self, "_fresh_drafter", False)
+        self.log(f"[tlt] adaptive engine: {ecfg.replicas} replicas of {rows // ecfg.replicas} rows, buckets "
+                 f"{self.engine.buckets}, speculation at <= {ecfg.sd_threshold} rows, spot training "
+                 f"{'on' if self.spot else 'off'}")
+
+    def precompile(self) -> Dict[str, float]:
+        """Compiles the adaptive engine's programs ahead of time (a no-op without the engine)."""
+        if self.engine is None:
+            return {}
+        dstate = nnx.split(self.drafter)[1] if self.drafter is not None else None
+        stats = self.engine.precompile(self.params, dstate)
+        self.log(f"[tlt] program pool: {stats['programs']} programs compiled in {stats['compile_s']:.1f}s")
+        return stats
+
+    def _sync_drafter(self) -> None:
+        """The spot trainer's averaged parameters into the drafter module."""
+        if self.spot is not None:
+            from tlt_jax.drafter.train import split_drafter
+
+            g, _, rest = split_drafter(self.drafter)
+            self.drafter = nnx.merge(g, self.spot.params, rest)
+            if not self.drafter_warm and self.spot.total_steps >= int(self.config.tlt.warm_after):
+                self.drafter_warm = True
+                self.log(f"[tlt] drafter warm after {self.spot.total_steps} online updates: it drafts from now on")
+
     def rollout(self, prompts: List[List[int]], seed: int):
         from tlt_jax.rollout import generate
         from tlt_jax.rollout.speculative import generate_speculative
 
         model = nnx.merge(self.graphdef, self.params)
         cache_len = int(self.config.rollout.cache_len) or None
+        if self.engine is not None:
+            dstate = nnx.split(self.drafter)[1] if self.drafter is not None else None
+            if self.spot is not None:
+                self.spot.rl_step = self.step
+            out = self.engine.rollout(self.params, dstate, prompts, seed=seed, use_drafter=self.drafter_warm,
+                                      spot=self.spot)
+            self._sync_drafter()
+            self.last_engine_stats = out.stats
+            return out.result, out.accept_len
         if self.sspec is None:
             return generate(model, prompts, self.spec, seed=seed, cache_len=cache_len), None
         out = generate_speculative(model, prompts, self.spec, self.sspec, self.drafter, seed=seed,
@@ -258,7 +331,8 @@ class Trainer:
         else:
             ref_logp = jnp.zeros_like(old_logp)
         old_logp.block_until_ready()
-        self.last_hidden = hidden  # the drafter's training data (final hidden states of prompt + answer)
+        if self.buffer is not None:  # the drafter's training data: features of this step's answers
+            self.buffer.add(step, tokens, np.asarray(hidden), valid, answer_start=tokens.shape[1] - n)
         t_logprob = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -299,6 +373,15 @@ class Trainer:
              "reward": rew.rewards[k * g], "finish": res.finish_reasons[k * g]} for k, i in enumerate(idx)]
         if accept_len is not None:
             metrics["accept_len"] = float(accept_len)
+        if self.engine is not None:
+            es = self.last_engine_stats
+            metrics.update(idle_device_s=es["idle_device_s"], spot_steps=es["spot_steps"],
+                           pool_programs=es["pool_programs"], pool_compile_s=es["pool_compile_s"],
+                           drafter_proposes=float(self.drafter_warm), chunks=es["chunks"])
+            for k in ("drafter_loss", "drafter_top1", "drafter_total_steps"):
+                if k in es:
+                    metrics[k] = es[k]
+            metrics["arm_chunks"] = es["arm_chunks"]
         self.step = step + 1
         return metrics
 
@@ -308,12 +391,16 @@ class Trainer:
         items = {"policy": _leaves(self.params), "opt": _leaves(self.opt_state)}
         if self.drafter is not None:
             items["drafter"] = _leaves(nnx.state(self.drafter, nnx.Param))
+        if self.spot is not None:
+            items["drafter_opt"] = _leaves(self.spot.opt_state)
         return items
 
     def save(self) -> str:
         meta = {"format": FORMAT, "step": self.step, "data_pos": self.step * int(self.config.rl.prompts_per_step),
                 "seed": int(self.config.seed), "config_name": self.config.name,
-                "drafter": self.drafter is not None}
+                "drafter": self.drafter is not None,
+                "drafter_updates": self.spot.total_steps if self.spot is not None else 0,
+                "drafter_warm": bool(self.drafter_warm)}
         return checkpoint.save(self.ckpt_dir, self.step, self.state_items(), meta,
                                max_to_keep=int(self.config.train.keep_checkpoints))
 
@@ -331,6 +418,13 @@ class Trainer:
         if self.drafter is not None:
             state = _unleaves(nnx.state(self.drafter, nnx.Param), items["drafter"])
             nnx.update(self.drafter, state)
+        if self.spot is not None:
+            from tlt_jax.drafter.train import split_drafter
+
+            self.spot.params = split_drafter(self.drafter)[1]
+            self.spot.opt_state = _unleaves(self.spot.opt_state, items["drafter_opt"])
+            self.spot.total_steps = int(meta.get("drafter_updates", 0))
+            self.drafter_warm = bool(meta.get("drafter_warm", self.drafter_warm))
         self.step = int(meta["step"])
         self.log(f"[tlt] resumed from {self.ckpt_dir}/{step} (RL step {self.step})")
 

@@ -1,0 +1,133 @@
+"""The adaptive engine: compaction and arm switching leave greedy outputs identical; replicas are sub-meshes;
+finished replicas, and only they, run drafter steps; the spot-trained drafters are averaged."""
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from tests.helpers import tiny_model, train_drafter
+from tlt_jax.drafter.buffer import DrafterBuffer
+from tlt_jax.drafter.loss import target_features
+from tlt_jax.drafter.spot import SpotTrainer, constant_optimizer
+from tlt_jax.drafter.train import split_drafter
+from tlt_jax.engine import AdaptiveEngine, EngineConfig, make_replicas, next_pow2
+from tlt_jax.errors import ConfigError, InputError
+from tlt_jax.rollout import RolloutSpec, generate
+
+SPEC = RolloutSpec(max_new_tokens=40, chunk_steps=4)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    cfg, model = tiny_model()
+    rng = np.random.default_rng(0)
+    prompts = [list(map(int, rng.integers(3, 200, size=int(rng.integers(3, 12))))) for _ in range(8)]
+    # very different answer lengths: the long tail that compaction and spot training feed on
+    max_new = [2, 3, 40, 5, 4, 6, 3, 2]
+    ref = generate(model, prompts, SPEC, max_new=max_new, seed=0)
+    drafter, _ = train_drafter(model, prompts[:4], steps=30)
+    return model, drafter, prompts, max_new, ref
+
+
+def _engine(model, drafter, replicas, devices, **kw):
+    g = nnx.split(model)[0]
+    dg = nnx.split(drafter)[0] if drafter is not None else None
+    kw.setdefault("arms", ("chain-2", "3_2_5"))
+    ecfg = EngineConfig(replicas=replicas, sd_threshold=2, ngram_arms=("ngram:chain-2",), **kw)
+    return AdaptiveEngine(g, SPEC, ecfg, batch_size=8, cache_len=64, dgraphdef=dg, devices=devices)
+
+
+def test_buckets_and_replicas():
+    assert [next_pow2(n) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, 16]
+    reps = make_replicas(4, jax.devices()[:8])
+    assert [len(r.devices) for r in reps] == [2, 2, 2, 2]
+    assert len({d for r in reps for d in r.devices}) == 8  # disjoint sub-meshes
+    assert [r.devices for r in make_replicas(3, jax.devices()[:1])] == [(jax.devices()[0],)] * 3
+    with pytest.raises(ConfigError, match="evenly"):
+        make_replicas(3, jax.devices()[:8])
+
+
+@pytest.mark.parametrize("replicas,ndev", [(1, 1), (2, 4)])
+def test_compaction_and_arms_keep_greedy_outputs(setup, replicas, ndev):
+    model, drafter, prompts, max_new, ref = setup
+    eng = _engine(model, drafter, replicas, jax.devices()[:ndev])
+    params, dstate = nnx.split(model)[1], nnx.split(drafter)[1]
+    for use_drafter in (True, False):
+        out = eng.rollout(params, dstate, prompts, seed=0, use_drafter=use_drafter, max_new=max_new)
+        assert out.result.tokens == ref.tokens
+        assert list(out.result.finish_reasons) == list(ref.finish_reasons)
+        np.testing.assert_array_equal(out.result.lengths, ref.lengths)
+        buckets = {d[3] for d in out.decisions if d[2] == "rollout"}
+        assert min(buckets) < eng.top_bucket  # rows were compacted into smaller buckets
+        arms = {d[4] for d in out.decisions if d[2] == "rollout" and d[3] <= 2}
+        assert len(arms) >= 2  # speculation arms were tried below the threshold
+    assert out.stats["pool_programs"] <= eng.pool.max_programs
+
+
+def test_precompile_reports_the_pool(setup):
+    model, drafter, prompts, max_new, ref = setup
+    eng = _engine(model, drafter, 2, jax.devices()[:1], arms=("chain-2",))
+    stats = eng.precompile(nnx.split(model)[1], nnx.split(drafter)[1])
+    # buckets 4 (plain only), 2 and 1 (plain + 1 learned + 1 n-gram arm); two replicas sharing one device
+    # share their programs
+    assert stats["programs"] == 1 + 2 * 3 and stats["compile_s"] > 0
+    small = _engine(model, drafter, 2, jax.devices()[:1], max_programs=4)
+    with pytest.raises(ConfigError, match="max_programs"):
+        small.precompile(nnx.split(model)[1], nnx.split(drafter)[1])
+    with pytest.raises(InputError, match="8 rows"):
+        eng.rollout(nnx.split(model)[1], None, prompts[:4], seed=0)
+
+
+class _Recorder(SpotTrainer):
+    """The real spot trainer, recording which replica ran each step and what the engine knew then."""
+
+    def begin(self, replicas, policy_params):
+        super().begin(replicas, policy_params)
+        self.calls = []
+
+    def step(self, replica_index):
+        self.calls.append(replica_index)
+        return super().step(replica_index)
+
+
+def test_spot_training_runs_only_on_finished_replicas(setup):
+    model, drafter, prompts, max_new, ref = setup
+    # 2 replicas of 4 rows on 4 devices; replica 0 holds the one long answer (40 tokens)
+    eng = _engine(model, drafter, 2, jax.devices()[:4], arms=("chain-2",))
+    buf = DrafterBuffer(capacity=64, window=64, max_step_lag=2)
+    answers = ref.tokens
+    # the trainer's layout: left-padded prompts, then the answers
+    p = max(len(x) for x in prompts)
+    lay = np.zeros((8, p + 40), np.int32)
+    ok = np.zeros((8, p + 40), bool)
+    for i, (pr, an) in enumerate(zip(prompts, answers)):
+        lay[i, p - len(pr):p], ok[i, p - len(pr):p] = pr, True
+        lay[i, p:p + len(an)], ok[i, p:p + len(an)] = an, True
+    feats = np.asarray(target_features(model, lay, ok))
+    assert buf.add(0, lay, feats, ok, answer_start=p) > 0
+    dg, dparams, drest = split_drafter(drafter)
+    before = jax.tree.map(np.asarray, dparams)
+    spot = _Recorder(dg, dparams, drest, nnx.split(model)[0], buf, constant_optimizer(1e-3), rows=2, seq_len=32)
+    spot.rl_step = 1
+    out = eng.rollout(nnx.split(model)[1], nnx.split(drafter)[1], prompts, seed=0, max_new=max_new, spot=spot)
+    assert out.result.tokens == ref.tokens  # training beside the rollout changes nothing in it
+    # every drafter step was decided for a replica with no live rows, after its rows were all done
+    live_at = {}
+    for chunk, rep, action, bucket, arm in out.decisions:
+        if action == "rollout":
+            live_at[rep] = chunk
+        else:
+            assert live_at.get(rep, -1) < chunk
+    trained = {d[1] for d in out.decisions if d[2] == "drafter"}
+    assert trained == {1}  # the replica with the long answer never trained
+    assert sorted(set(spot.calls)) == sorted(trained)
+    assert out.stats["spot_steps"] == len(spot.calls) > 0
+    assert out.stats["drafter_replicas_trained"] == len(trained)
+    assert np.isfinite(out.stats["drafter_loss"]) and out.stats["idle_device_s"] > 0
+    after = jax.tree.map(np.asarray, spot.params)
+    assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)))
+    # nothing eligible (the buffer holds only the current step): no drafter step is run
+    spot.rl_step = 0
+    out = eng.rollout(nnx.split(model)[1], nnx.split(drafter)[1], prompts, seed=0, max_new=max_new, spot=spot)
+    assert out.stats["spot_steps"] == 0 and out.result.tokens == ref.tokens
