@@ -24,4 +24,11 @@ def get_config():
     c.rl.lr = 2e-5
     c.rl.format_weight = 0.5
     c.train.checkpoint_every = 4
+    # The adaptive engine sized for a CPU: two replicas of 8 rows; on this hardware speculation pays only at
+    # very small batches, so it is considered from 4 live rows down, with plain decoding as a competing arm.
+    c.tlt.replicas = 2
+    c.tlt.sd_threshold = 4
+    c.tlt.arms = ("chain-2", "4_2_8")
+    c.tlt.ngram_arms = ("ngram:chain-2",)
+    c.rollout.cache_len = 256  # fixed: one compiled program per (bucket, arm) for every RL step
     return c

@@ -167,9 +167,10 @@ class AdaptiveEngine:
 
     def __init__(self, graphdef, spec: RolloutSpec, ecfg: EngineConfig, *, batch_size: int, cache_len: int,
                  dgraphdef=None, devices: Optional[Sequence[jax.Device]] = None, pool: Optional[ProgramPool] = None,
-                 gather: Optional[Callable[[np.ndarray], np.ndarray]] = None):
+                 gather: Optional[Callable[[np.ndarray], np.ndarray]] = None, prompt_multiple: int = 32):
         self.graphdef, self.dgraphdef, self.spec, self.ecfg = graphdef, dgraphdef, spec, ecfg
         self.cache_len = int(cache_len)
+        self.prompt_multiple = int(prompt_multiple)  # prompts are padded to a multiple: few prefill programs
         self.replicas = make_replicas(ecfg.replicas, devices)
         if batch_size % ecfg.replicas:
             raise ConfigError(f"a rollout batch of {batch_size} rows does not split over {ecfg.replicas} replicas")
@@ -312,7 +313,7 @@ class AdaptiveEngine:
             p, dp = self._place(r, params, dparams if self.dgraphdef is not None else None)
             placed[r.index] = (p, dp)
             sel = [prompts[i] for i in rows] + [prompts[rows[0]]] * pad
-            toks, valid = pad_prompts(sel, side="left")
+            toks, valid = pad_prompts(sel, side="left", multiple=self.prompt_multiple)
             lim = np.concatenate([limits[rows], np.ones(pad, np.int32)])
             shard = NamedSharding(r.mesh, P("data") if self.top_bucket % len(r.devices) == 0 else P())
             args = [jax.device_put(x, shard) for x in (toks, valid, lim)]
