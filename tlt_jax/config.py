@@ -87,6 +87,7 @@ def base_config() -> ml_collections.ConfigDict:
         data_seed=1,
     ))
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))  # -1: all remaining devices
+    c.mesh.cpu_devices = 0  # CPU hosts: split the host into this many XLA devices at start-up (0: as is)
     # ---- RL training (tlt-train)
     c.tlt = ml_collections.ConfigDict(dict(
         enable=True,  # the A/B switch: True = speculative rollouts (TLT), False = plain rollouts (baseline)
@@ -298,6 +299,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         v = int(cfg.mesh[axis])
         if v == 0 or v < -1:
             raise ConfigError(f"mesh.{axis} must be a positive size or -1 (fill), got {v}")
+    if int(cfg.mesh.get("cpu_devices", 0)) < 0:
+        raise ConfigError(f"mesh.cpu_devices must be >= 0, got {cfg.mesh.cpu_devices}")
     if sum(int(cfg.mesh[a]) == -1 for a in ("data", "fsdp", "tensor")) > 1:
         raise ConfigError("at most one mesh axis may be -1")
     for key in ("param_dtype", "dtype"):

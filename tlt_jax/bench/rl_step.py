@@ -5,7 +5,9 @@
 
 Workload: the config's GRPO job (default ``configs/smollm2_135m.py``: SmolLM2-135M-Instruct, 4 prompts x 4
 answers of at most 128 tokens, T = 0.7). Every mode trains from the same initial policy on the same prompts
-with the same seeds, on this machine, one mode after the other:
+with the same seeds, on this machine, one mode after the other (each in its own process: the device layout
+``mesh.cpu_devices`` is fixed when JAX starts; the baseline, which has no replicas, gets the whole host as one
+device, its fastest layout on a CPU; the TLT modes use the config's layout):
 
 * ``baseline``: plain rollouts (``tlt.enable=False``), ``--steps`` RL steps;
 * ``tlt_base``: the adaptive engine with the model-free n-gram proposer, ``--steps`` RL steps;
@@ -13,12 +15,17 @@ with the same seeds, on this machine, one mode after the other:
   ``--adaptive-steps`` RL steps;
 * ``frozen``: the same with spot training off (the warmed drafter never moves), ``--adaptive-steps`` steps.
 
+After every step of ``tlt`` and ``frozen`` the drafter is probed (``probe_accept``): chain-4 acceptance length on
+one answer to each of the step's prompts by the current policy, same seed for both modes (the engine's own
+``accept_len`` mixes in the chunks its bandit chose to decode plainly).
+
 Each mode first compiles its programs and does one untimed rollout (the compile is not rollout time). Per mode
 and step the JSON ``rows`` hold the rollout time, the step time (rollout + rewards + log-prob forward +
 update), the acceptance length, the reward and the spot-training counters. ``summary``:
 ``rollout_speedup_tlt`` / ``step_speedup_tlt`` / ``rollout_speedup_tlt_base`` = baseline time / mode time
-over the first ``--steps`` steps; ``accept_ratio_adaptive_vs_frozen`` = mean acceptance length of ``tlt``
-over its last three steps / the same of ``frozen``. Last, with the adaptive run's final policy and drafter, the
+over the first ``--steps`` steps; ``accept_ratio_adaptive_vs_frozen`` = mean ``probe_accept`` of ``tlt`` over
+its last three steps / the same of ``frozen`` (``rollout_accept_ratio_adaptive_vs_frozen``: the same with the
+engine's ``accept_len``). Last, with the adaptive run's final policy and drafter, the
 same rollout is timed with and without spot training, alternating (``spot_overhead``: the rollout-time cost
 of training the drafter on idle replicas of a shared device).
 
@@ -39,7 +46,7 @@ MODES = ("baseline", "tlt_base", "tlt", "frozen")
 
 
 def mode_overrides(mode: str):
-    return {"baseline": ["tlt.enable=False"],
+    return {"baseline": ["tlt.enable=False", "mesh.cpu_devices=0"],
             "tlt_base": ["speculative.proposer=ngram"],
             "tlt": ["speculative.proposer=eagle", "tlt.spot_training=True"],
             "frozen": ["speculative.proposer=eagle", "tlt.spot_training=False"]}[mode]
@@ -58,72 +65,44 @@ def main(argv=None) -> int:
     ap.add_argument("--adaptive-steps", type=int, default=10, help="RL steps of TLT and of the frozen drafter")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--overhead-reps", type=int, default=2)
+    ap.add_argument("--worker", default="", help=argparse.SUPPRESS)  # internal: run one mode, write --json
     args, rest = ap.parse_known_args(argv)
     if args.steps < 1 or args.adaptive_steps < args.steps:
         ap.error("need --steps >= 1 and --adaptive-steps >= --steps")
     modes = [m for m in args.modes.split(",") if m]
-    bad = [m for m in modes if m not in MODES]
+    bad = [m for m in modes + ([args.worker] if args.worker else []) if m not in MODES]
     if bad:
         ap.error(f"unknown modes {bad}; choose from {MODES}")
-
-    from tlt_jax.bench.common import machine_info, print_table, write_json
-    from tlt_jax.config import load_config
-    from tlt_jax.engine import ProgramPool
-    from tlt_jax.rl.trainer import Trainer
-
     overrides = [a[len("--config."):] for a in rest if a.startswith("--config.")]
     unknown = [a for a in rest if not a.startswith("--config.")]
     if unknown:
         ap.error(f"unrecognised arguments: {unknown}")
-    pool = ProgramPool(128)
+    if args.worker:
+        return _worker(args, overrides)
+
+    import json
+    import subprocess
+    import sys
+
+    from tlt_jax.bench.common import machine_info, print_table, write_json
+
+    # Each mode runs in its own process, one after the other: a mode's device layout (mesh.cpu_devices) is fixed
+    # when JAX starts, and the baseline (no replicas) gets the whole host as one device, its fastest layout.
     rows, extra = [], {}
     root = tempfile.mkdtemp(prefix="tlt_bench_rl_")
     try:
         for mode in modes:
-            steps = args.steps if mode in ("baseline", "tlt_base") else args.adaptive_steps
-            base = ["tlt.adaptive=True", "train.plots=False", "train.tensorboard=False",
-                    f"train.checkpoint_every={steps + 1}"]
-            config = load_config(args.config, base + overrides + mode_overrides(mode) + [f"rl.steps={steps}"])
-            if mode in ("tlt", "frozen"):
-                from tlt_jax.drafter.warmup import default_drafter_dir
-
-                if not os.path.isdir(default_drafter_dir(config)):
-                    raise SystemExit(f"no warmed drafter in {default_drafter_dir(config)}: run "
-                                     f"python -m tlt_jax.drafter.warmup --config {args.config} first")
-            print(f"\n=== {mode}: {steps} RL steps ({' '.join(mode_overrides(mode))})", flush=True)
-            workdir = os.path.join(root, mode)
-            trainer = Trainer(config, workdir, log=lambda m: print(m, flush=True), pool=pool)
-            t0 = time.perf_counter()
-            trainer.precompile()
-            g = int(config.rl.group_size)
-            widths = {}  # one untimed rollout per prompt width the steps will see (compiles its prefill)
-            for s in range(steps):
-                batch = [trainer.prompt_ids[i] for i in trainer.prompt_indices(s) for _ in range(g)]
-                widths.setdefault(-(-max(len(p) for p in batch) // 8), batch)
-            spot, trainer.spot = trainer.spot, None  # warm-up rollouts train nothing
-            for batch in widths.values():
-                trainer.rollout(batch, seed=12345)
-            trainer.spot = spot
-            print(f"[bench] {mode}: compiled and warmed up in {time.perf_counter() - t0:.1f}s", flush=True)
-
-            def on_step(m, mode=mode):
-                row = {"mode": mode, "step": int(m["step"]), "rollout_s": float(m["time_rollout"]),
-                       "step_s": float(m["step_time"]), "accept_len": float(m.get("accept_len", float("nan"))),
-                       "reward": float(m["reward_mean"]), "tokens": int(m["rollout_tokens"]),
-                       "len_max": float(m["len_max"]), "spot_steps": int(m.get("spot_steps", 0)),
-                       "idle_device_s": float(m.get("idle_device_s", 0.0)),
-                       "drafter_loss": float(m.get("drafter_loss", float("nan"))),
-                       "arm_chunks": m.get("arm_chunks", {})}
-                rows.append(row)
-                print(f"[bench] {mode} step {row['step']}: rollout {row['rollout_s']:.1f}s, step {row['step_s']:.1f}s,"
-                      f" accept {row['accept_len']:.2f}, reward {row['reward']:.3f}, spot steps {row['spot_steps']}",
-                      flush=True)
-
-            trainer.run(progress=False, on_step=on_step)
-            if mode == "tlt" and trainer.spot is not None and args.overhead_reps > 0:
-                extra["spot_overhead"] = _spot_overhead(trainer, args.overhead_reps)
-            if mode in ("tlt", "tlt_base", "frozen"):
-                extra[f"pool_{mode}"] = trainer.engine.pool.stats()
+            out = os.path.join(root, f"{mode}.json")
+            cmd = [sys.executable, "-m", "tlt_jax.bench.rl_step", "--worker", mode, "--json", out, "--config",
+                   args.config, "--steps", str(args.steps), "--adaptive-steps", str(args.adaptive_steps),
+                   "--overhead-reps", str(args.overhead_reps)] + [f"--config.{o}" for o in overrides]
+            rc = subprocess.call(cmd)
+            if rc != 0:
+                raise SystemExit(f"mode {mode} failed (exit status {rc})")
+            with open(out) as f:
+                part = json.load(f)
+            rows.extend(part["rows"])
+            extra.update(part["extra"])
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -138,12 +117,18 @@ def main(argv=None) -> int:
         "rollout_speedup_tlt_base": total("baseline", "rollout_s", k) / total("tlt_base", "rollout_s", k),
     }
     last = [r for r in rows if r["step"] > args.adaptive_steps - 3]
-    summary["accept_ratio_adaptive_vs_frozen"] = (_mean([r["accept_len"] for r in last if r["mode"] == "tlt"])
-                                                  / _mean([r["accept_len"] for r in last if r["mode"] == "frozen"]))
+    summary["accept_ratio_adaptive_vs_frozen"] = (
+        _mean([r.get("probe_accept") for r in last if r["mode"] == "tlt"])
+        / _mean([r.get("probe_accept") for r in last if r["mode"] == "frozen"]))
+    summary["rollout_accept_ratio_adaptive_vs_frozen"] = (
+        _mean([r["accept_len"] for r in last if r["mode"] == "tlt"])
+        / _mean([r["accept_len"] for r in last if r["mode"] == "frozen"]))
     summary.update({k2: v for k2, v in extra.items() if not isinstance(v, dict)})
     print()
-    print_table(rows, ["mode", "step", "rollout_s", "step_s", "accept_len", "reward", "tokens", "spot_steps",
-                       "idle_device_s", "drafter_loss"])
+    for r in rows:
+        r.setdefault("probe_accept", float("nan"))
+    print_table(rows, ["mode", "step", "rollout_s", "step_s", "accept_len", "probe_accept", "reward", "tokens",
+                       "len_max", "spot_steps", "idle_device_s", "drafter_loss"])
     print()
     for key, v in summary.items():
         print(f"{key}: {v:.3f}")
@@ -154,6 +139,90 @@ def main(argv=None) -> int:
                            "steps": args.steps, "adaptive_steps": args.adaptive_steps, "rows": rows,
                            "summary": summary, "extra": extra})
     return 0
+
+
+def _worker(args, overrides) -> int:
+    import json
+
+    from flax import nnx
+
+    from tlt_jax.config import load_config
+    from tlt_jax.parallel.mesh import apply_cpu_devices
+    from tlt_jax.rl.trainer import Trainer
+
+    mode = args.worker
+    steps = args.steps if mode in ("baseline", "tlt_base") else args.adaptive_steps
+    base = ["tlt.adaptive=True", "train.plots=False", "train.tensorboard=False", f"train.checkpoint_every={steps + 1}"]
+    config = load_config(args.config, base + overrides + mode_overrides(mode) + [f"rl.steps={steps}"])
+    apply_cpu_devices(config)  # before anything starts JAX
+    if mode in ("tlt", "frozen"):
+        from tlt_jax.drafter.warmup import default_drafter_dir
+
+        if not os.path.isdir(default_drafter_dir(config)):
+            raise SystemExit(f"no warmed drafter in {default_drafter_dir(config)}: run "
+                             f"python -m tlt_jax.drafter.warmup --config {args.config} first")
+    print(f"\n=== {mode}: {steps} RL steps ({' '.join(mode_overrides(mode))})", flush=True)
+    rows, extra = [], {}
+    workdir = tempfile.mkdtemp(prefix=f"tlt_bench_{mode}_")
+    try:
+        trainer = Trainer(config, workdir, log=lambda m: print(m, flush=True))
+        t0 = time.perf_counter()
+        if trainer.engine is not None:
+            trainer.engine.precompile(trainer.params, nnx.split(trainer.drafter)[1] if trainer.drafter else None)
+        g = int(config.rl.group_size)
+        widths = {}  # one untimed rollout per prompt width the steps will see (compiles its prefill)
+        for s in range(steps):
+            batch = [trainer.prompt_ids[i] for i in trainer.prompt_indices(s) for _ in range(g)]
+            widths.setdefault(-(-max(len(p) for p in batch) // 8), batch)
+        spot, trainer.spot = trainer.spot, None  # warm-up rollouts train nothing
+        for batch in widths.values():
+            trainer.rollout(batch, seed=12345)
+        trainer.spot = spot
+        print(f"[bench] {mode}: compiled and warmed up in {time.perf_counter() - t0:.1f}s on "
+              f"{len(__import__('jax').devices())} device(s)", flush=True)
+
+        def on_step(m):
+            row = {"mode": mode, "step": int(m["step"]), "rollout_s": float(m["time_rollout"]),
+                   "step_s": float(m["step_time"]), "accept_len": float(m.get("accept_len", float("nan"))),
+                   "reward": float(m["reward_mean"]), "tokens": int(m["rollout_tokens"]),
+                   "len_max": float(m["len_max"]), "spot_steps": int(m.get("spot_steps", 0)),
+                   "idle_device_s": float(m.get("idle_device_s", 0.0)),
+                   "drafter_loss": float(m.get("drafter_loss", float("nan"))),
+                   "arm_chunks": m.get("arm_chunks", {})}
+            if mode in ("tlt", "frozen"):
+                row["probe_accept"] = probe_accept(trainer, int(m["step"]) - 1)
+            rows.append(row)
+            print(f"[bench] {mode} step {row['step']}: rollout {row['rollout_s']:.1f}s, step {row['step_s']:.1f}s, "
+                  f"accept {row['accept_len']:.2f}, probe {row.get('probe_accept', float('nan')):.2f}, reward "
+                  f"{row['reward']:.3f}, spot steps {row['spot_steps']}", flush=True)
+
+        trainer.run(progress=False, on_step=on_step)
+        if mode == "tlt" and trainer.spot is not None and args.overhead_reps > 0:
+            extra["spot_overhead"] = _spot_overhead(trainer, args.overhead_reps)
+        if trainer.engine is not None:
+            extra[f"pool_{mode}"] = trainer.engine.pool.stats()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    with open(args.json, "w") as f:
+        json.dump({"rows": rows, "extra": extra}, f)
+    return 0
+
+
+def probe_accept(trainer, step: int) -> float:
+    """The drafter's acceptance length on a fixed probe: one answer to each prompt of RL step ``step`` by the
+    current policy, chain-4, the rollout's sampling settings, a fixed seed. The engine's own acceptance length
+    mixes in the chunks its bandit decoded plainly; this measures the drafter alone, the same way for every
+    mode and step."""
+    from flax import nnx
+
+    from tlt_jax.rollout.speculative import SpeculativeSpec, generate_speculative
+    from tlt_jax.rollout.tree import SpecStrategy
+
+    model = nnx.merge(trainer.graphdef, trainer.params)
+    prompts = [trainer.prompt_ids[i] for i in trainer.prompt_indices(step)]
+    out = generate_speculative(model, prompts, trainer.spec, SpeculativeSpec(SpecStrategy(depth=4)), trainer.drafter,
+                               seed=4242, cache_len=int(trainer.config.rollout.cache_len) or None)
+    return out.accept_len
 
 
 def _spot_overhead(trainer, reps: int) -> float:

@@ -21,6 +21,9 @@ def config_main(prog: str, doc: str, add_arguments: Callable[[argparse.ArgumentP
         add_arguments(ap)
         args = ap.parse_args(rest)
         config = load_config(path or default_config, overrides)
+        from tlt_jax.parallel.mesh import apply_cpu_devices
+
+        apply_cpu_devices(config)
         return run(config, args)
     except TltError as e:
         print(f"error: {e}", file=sys.stderr)

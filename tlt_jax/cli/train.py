@@ -38,6 +38,8 @@ def run(config, args) -> int:
           f"{config.rl.group_size} answers) on {len(jax.devices())} {jax.devices()[0].platform} device(s); "
           f"work dir {os.path.abspath(args.workdir)}", flush=True)
     trainer = Trainer(config, args.workdir, resume=args.resume, log=lambda m: print(m, flush=True))
+    if trainer.step < int(config.rl.steps):
+        trainer.precompile()  # the adaptive engine's programs, ahead of the first rollout
     history = trainer.run(progress=not args.no_progress, on_step=_print_step if args.no_progress else None)
     wall = time.perf_counter() - t0
     if not history:

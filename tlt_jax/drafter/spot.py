@@ -14,7 +14,7 @@ of the policy parameters.
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict
 
 import jax
 import jax.numpy as jnp

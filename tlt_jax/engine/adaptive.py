@@ -123,7 +123,7 @@ def _shardings(tree, mesh: Mesh, batch: int):
     return jax.tree_util.tree_map_with_path(one, tree)
 
 
-@functools.partial(jax.jit, static_argnames=())
+@jax.jit
 def _take_rows(state: SpecState, idx: jax.Array) -> SpecState:
     """The rows ``idx`` of every batch leaf (compaction)."""
     b = state.done.shape[0]

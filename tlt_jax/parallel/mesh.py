@@ -35,6 +35,18 @@ def mesh_shape_from_config(mesh_cfg, num_devices: int) -> Tuple[int, int, int]:
     return tuple(sizes)
 
 
+def apply_cpu_devices(config, log=print) -> None:
+    """``mesh.cpu_devices`` > 0: the CPU backend starts with that many devices (rollout replicas can then run
+    concurrently on one host). Must run before anything starts JAX's backends; afterwards it only warns."""
+    n = int(config.mesh.get("cpu_devices", 0))
+    if n <= 0:
+        return
+    try:
+        jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError as e:
+        log(f"[tlt] mesh.cpu_devices={n} ignored: JAX has already started ({e})")
+
+
 def make_mesh(mesh_cfg, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape_from_config(mesh_cfg, len(devices))

@@ -244,7 +244,8 @@ class Trainer:
         if self.engine is None:
             return {}
         dstate = nnx.split(self.drafter)[1] if self.drafter is not None else None
-        stats = self.engine.precompile(self.params, dstate)
+        # the programs of the proposer that drafts now (a drafter that warms up later compiles its own on first use)
+        stats = self.engine.precompile(self.params, dstate, phases=("eagle",) if self.drafter_warm else ("ngram",))
         self.log(f"[tlt] program pool: {stats['programs']} programs compiled in {stats['compile_s']:.1f}s")
         return stats
 
