@@ -36,7 +36,8 @@ from tlt_jax.engine.bandit import BucketBandit
 from tlt_jax.engine.pool import ProgramPool
 from tlt_jax.errors import ConfigError, InputError
 from tlt_jax.rollout.decode import FINISH_NAMES, RolloutResult, RolloutSpec, pad_prompts
-from tlt_jax.rollout.speculative import SpecState, SpeculativeSpec, speculative_chunk, start_speculative
+from tlt_jax.rollout.speculative import (SpecState, SpeculativeSpec, accept_length, speculative_chunk,
+                                         start_speculative)
 
 
 def next_pow2(n: int) -> int:
@@ -144,7 +145,6 @@ class _Run:
     bucket: int = 0
     live: int = 0
     finished_at: Optional[float] = None
-    arm: Optional[str] = None
     num_host: Optional[np.ndarray] = None  # tokens per state row at the last read
     t_dispatch: float = 0.0
 
@@ -158,8 +158,7 @@ class EngineResult(NamedTuple):
 
     @property
     def accept_len(self) -> float:
-        fwd = int(self.verifies.sum())
-        return float((self.result.lengths.sum() - len(self.result.lengths)) / fwd) if fwd else 0.0
+        return accept_length(self.result.lengths, self.verifies)
 
 
 class AdaptiveEngine:
@@ -278,8 +277,7 @@ class AdaptiveEngine:
     # ------------------------------------------------------------------------------------------ rollout
 
     def rollout(self, params, dparams, prompts: Sequence[Sequence[int]], *, seed: int, use_drafter: bool = True,
-                spot=None, max_new: Optional[Sequence[int]] = None, log: Optional[Callable[[str], None]] = None
-                ) -> EngineResult:
+                spot=None, max_new: Optional[Sequence[int]] = None) -> EngineResult:
         """Runs the batch to completion. ``spot``: an object with ``begin(replicas, params_by_replica)``,
         ``step(replica) -> bool`` and ``end() -> dict`` (the drafter's spot trainer), or None."""
         b = len(prompts)
@@ -378,7 +376,6 @@ class AdaptiveEngine:
                     run.bucket = bucket
                 p, dp = placed[i]
                 prog = self.program(run.replica, bucket, arm, p, dp)
-                run.arm = arm
                 run.t_dispatch = time.perf_counter()
                 run.state = prog(p, dp, run.state)
             # 3. gather counters

@@ -353,9 +353,13 @@ class SpecResult(NamedTuple):
 
     @property
     def accept_len(self) -> float:
-        """Committed tokens per target forward (the first token, from the prefill, not counted)."""
-        fwd = int(self.verifies.sum())
-        return float((self.result.lengths.sum() - len(self.result.lengths)) / fwd) if fwd else 0.0
+        return accept_length(self.result.lengths, self.verifies)
+
+
+def accept_length(lengths: np.ndarray, verifies: np.ndarray) -> float:
+    """Committed tokens per target forward (the first token, from the prefill, not counted)."""
+    fwd = int(np.sum(verifies))
+    return float((np.sum(lengths) - len(lengths)) / fwd) if fwd else 0.0
 
 
 def check_drafter(model: Decoder, drafter: Optional[Drafter], sspec: SpeculativeSpec) -> None:
