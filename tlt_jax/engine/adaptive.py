@@ -245,10 +245,11 @@ class AdaptiveEngine:
     # ------------------------------------------------------------------------------------------ helpers
 
     def _place(self, r: Replica, params, dparams):
+        """The policy (possibly laid out over the whole training mesh) and the drafter, replicated on a replica."""
+        from tlt_jax.parallel.sharding import to_mesh
+
         rep = NamedSharding(r.mesh, P())
-        p = jax.device_put(params, rep)
-        dp = jax.device_put(dparams, rep) if dparams is not None else None
-        return p, dp
+        return to_mesh(params, rep), (to_mesh(dparams, rep) if dparams is not None else None)
 
     def _gather_rows(self, x: np.ndarray) -> np.ndarray:
         """[num_processes, ...] of x from every process (one process: x[None])."""

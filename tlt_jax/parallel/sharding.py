@@ -97,3 +97,59 @@ def bytes_per_device(abstract_tree, shardings) -> np.ndarray:
         for d in sh.addressable_devices if hasattr(sh, "addressable_devices") else devices:
             total[index[d]] += nbytes
     return total
+
+
+# ------------------------------------------------------------------------------------------ trees on a mesh
+
+
+def tree_shardings(state, mesh: Mesh, rules=PARAM_RULES):
+    """A tree of NamedShardings matching ``state`` (an nnx.State of parameters), laid out by ``rules``."""
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: NamedSharding(mesh, spec_for(state_path(p), np.shape(x), mesh, rules)), state)
+
+
+def opt_state_shardings(opt_state, params, param_shards, mesh: Mesh):
+    """Shardings for an optax state: every sub-tree shaped like the parameters (Adam's moments, ...) takes the
+    parameters' shardings; everything else (step counts, scalars) is replicated."""
+    ptree = jax.tree.structure(params)
+    replicated = NamedSharding(mesh, P())
+
+    def is_param_like(x) -> bool:
+        try:
+            return jax.tree.structure(x) == ptree
+        except Exception:  # noqa: BLE001 - odd leaves are simply not parameter-shaped
+            return False
+
+    return jax.tree.map(lambda x: param_shards if is_param_like(x) else replicated, opt_state, is_leaf=is_param_like)
+
+
+def to_global(x, sharding: NamedSharding) -> jax.Array:
+    """A host value (the same on every process) as one array laid out by ``sharding``, which may span devices of
+    several processes: each process fills only its own shards."""
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def tree_to_global(tree, shardings):
+    """``to_global`` on every leaf (``shardings`` is a matching tree of shardings)."""
+    return jax.tree.map(lambda x, s: to_global(x, s), tree, shardings)
+
+
+def to_host(x) -> np.ndarray:
+    """The whole value of an array on every process (an all-gather when its shards live on several processes)."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def to_mesh(tree, sharding: NamedSharding):
+    """Moves arrays (e.g. the training-mesh parameters) onto ``sharding``, whose devices all belong to this
+    process (a rollout replica). Arrays spread over several processes are all-gathered first."""
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            x = to_host(x)
+        return jax.device_put(x, sharding)
+
+    return jax.tree.map(one, tree)

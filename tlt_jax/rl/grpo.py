@@ -82,11 +82,13 @@ def answer_logprobs(model: Decoder, tokens: jax.Array, valid: jax.Array, num_ans
     return logp, entropy, out.hidden
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "num_answer", "temperature"))
-def logprob_forward(params, tokens, valid, *, graphdef, num_answer: int, temperature: float):
+def _logprob(params, tokens, valid, *, graphdef, num_answer: int, temperature: float):
     """Jitted :func:`answer_logprobs` of the model ``(graphdef, params)`` (no gradients)."""
     model = nnx.merge(graphdef, params)
     return answer_logprobs(model, tokens, valid, num_answer, temperature)
+
+
+logprob_forward = functools.partial(jax.jit, static_argnames=("graphdef", "num_answer", "temperature"))(_logprob)
 
 
 def policy_loss(logp: jax.Array, batch: TrainBatch, cfg: GRPOConfig) -> Tuple[jax.Array, Dict[str, jax.Array]]:
@@ -123,9 +125,8 @@ def make_optimizer(lr: float, weight_decay: float = 0.0, clip: float = 1.0, warm
                                                                     weight_decay=weight_decay))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "optimizer", "cfg"), donate_argnames=("params", "opt_state"))
-def update_step(params, opt_state, batch: TrainBatch, *, graphdef, optimizer: optax.GradientTransformation,
-                cfg: GRPOConfig):
+def _update(params, opt_state, batch: TrainBatch, *, graphdef, optimizer: optax.GradientTransformation,
+            cfg: GRPOConfig):
     """One optimizer step on a mini-batch. A non-finite loss or gradient leaves params and optimizer state
     unchanged (metrics['skipped'] = 1): the caller warns and the run goes on."""
     n = batch.answer_mask.shape[1]
@@ -150,3 +151,42 @@ def update_step(params, opt_state, batch: TrainBatch, *, graphdef, optimizer: op
     metrics["grad_norm"] = gnorm
     metrics["skipped"] = (~ok).astype(jnp.float32)
     return params, opt_state, metrics
+
+
+update_step = functools.partial(jax.jit, static_argnames=("graphdef", "optimizer", "cfg"),
+                                donate_argnames=("params", "opt_state"))(_update)
+update_step.__doc__ = _update.__doc__
+
+
+def batch_shardings(mesh, batch_size: int) -> TrainBatch:
+    """Shardings of a :class:`TrainBatch` of ``batch_size`` rows: rows over the mesh's data and fsdp axes
+    (replicated when they do not divide the batch), the other dimensions whole."""
+    from tlt_jax.parallel.sharding import batch_sharding
+
+    two = batch_sharding(mesh, (batch_size, 1))
+    return TrainBatch(two, two, two, batch_sharding(mesh, (batch_size,)), two, two)
+
+
+def sharded_update(mesh, graphdef, optimizer: optax.GradientTransformation, cfg: GRPOConfig, param_shardings,
+                   opt_shardings, batch_shards: TrainBatch):
+    """The update step compiled for a mesh: parameters and optimizer state stay laid out as given (FSDP and
+    tensor parallelism by the sharding rules), the batch is split over rows, metrics come back replicated. The
+    parameters and optimizer state passed in are donated. ``.lower(...)`` on abstract arrays compiles it ahead
+    of time."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    fn = functools.partial(_update, graphdef=graphdef, optimizer=optimizer, cfg=cfg)
+    return jax.jit(fn, in_shardings=(param_shardings, opt_shardings, batch_shards),
+                   out_shardings=(param_shardings, opt_shardings, NamedSharding(mesh, PartitionSpec())),
+                   donate_argnums=(0, 1))
+
+
+def sharded_logprob(mesh, graphdef, num_answer: int, temperature: float, param_shardings, batch_shards: TrainBatch):
+    """:func:`logprob_forward` compiled for a mesh: (params, tokens, valid) -> (log-probs, entropy, hidden), all
+    split over rows like the batch."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    rows = NamedSharding(mesh, PartitionSpec(batch_shards.tokens.spec[0]))
+    fn = functools.partial(_logprob, graphdef=graphdef, num_answer=num_answer, temperature=temperature)
+    return jax.jit(fn, in_shardings=(param_shardings, batch_shards.tokens, batch_shards.valid),
+                   out_shardings=(batch_shards.old_logp, batch_shards.old_logp, rows))

@@ -31,6 +31,7 @@ from flax import nnx
 
 from tlt_jax import checkpoint
 from tlt_jax.errors import CheckpointError, ConfigError, DataError
+from tlt_jax.parallel import sharding as shd
 from tlt_jax.rl import grpo
 from tlt_jax.rl.rewards import RewardOutput, math_rewards, safe_rewards
 
@@ -51,7 +52,9 @@ def _unleaves(like, flat: Dict[str, Any]):
 
 
 def _abstract(flat: Dict[str, Any]) -> Dict[str, jax.ShapeDtypeStruct]:
-    return {k: jax.ShapeDtypeStruct(np.shape(v), v.dtype) for k, v in flat.items()}
+    """Shapes, dtypes and (for arrays) shardings: orbax restores each array laid out as the live one is."""
+    return {k: jax.ShapeDtypeStruct(np.shape(v), v.dtype, sharding=getattr(v, "sharding", None))
+            for k, v in flat.items()}
 
 
 def load_reward_fn(name: str, format_weight: float) -> Callable:
@@ -78,7 +81,7 @@ class Trainer:
     """Holds the run's state; :meth:`run` trains to ``rl.steps``."""
 
     def __init__(self, config, workdir: str, *, resume: bool = False, log: Callable[[str], None] = print,
-                 pool=None):
+                 pool=None, devices: Optional[Sequence[jax.Device]] = None):
         from tlt_jax.data.loader import load_examples
         from tlt_jax.models.tokenizer import load_tokenizer, stop_token_ids
         from tlt_jax.models.weights import model_from_config
@@ -88,6 +91,7 @@ class Trainer:
         self.workdir = os.path.abspath(os.path.expanduser(workdir))
         self.ckpt_dir = os.path.join(self.workdir, CKPT_DIR)
         self.log = log
+        self.devices = list(jax.devices() if devices is None else devices)  # training mesh and rollout replicas
         rl = config.rl
         existing = checkpoint.latest_step(self.ckpt_dir)
         if existing is not None and not resume:
@@ -103,8 +107,8 @@ class Trainer:
         if not tok_path:
             raise ConfigError("training needs a tokenizer: set model.checkpoint or model.tokenizer")
         self.tokenizer = load_tokenizer(tok_path)
-        self.graphdef, self.params = nnx.split(model)
-        self.ref_params = jax.tree.map(jnp.copy, self.params) if float(rl.kl_coef) > 0 else None
+        self.graphdef, params = nnx.split(model)
+        self._place_policy(params)
         log(f"[tlt] model {self.model_cfg.architecture} {self.model_cfg.num_params() / 1e6:.1f}M params, "
             f"loaded in {time.perf_counter() - t0:.1f}s")
 
@@ -123,7 +127,10 @@ class Trainer:
                                     aggregation=rl.aggregation, temperature=float(rl.temperature))
         self.optimizer = grpo.make_optimizer(float(rl.lr), float(rl.weight_decay), float(rl.grad_clip),
                                              int(rl.warmup_steps))
-        self.opt_state = self.optimizer.init(self.params)
+        self.opt_shards = shd.opt_state_shardings(jax.eval_shape(self.optimizer.init, self.params), self.params,
+                                                  self.param_shards, self.mesh)
+        self.opt_state = jax.jit(self.optimizer.init, out_shardings=self.opt_shards)(self.params)
+        self._compiled: Dict[Any, Any] = {}
         self.reward_fn = load_reward_fn(rl.reward, float(rl.format_weight))
         self.sspec, self.drafter = self._speculation(model)
         self.engine = self.spot = self.buffer = None
@@ -133,12 +140,41 @@ class Trainer:
         self.step = 0
         if resume and existing is not None:
             self._restore()
-        else:
+        elif self.is_main:
             with open(os.path.join(self.workdir, "config.json"), "w") as f:
                 f.write(config.to_json(indent=1))
-        self._truncate_logs()
+        if self.is_main:
+            self._truncate_logs()
 
     # ------------------------------------------------------------------------------------------ setup
+
+    def _place_policy(self, params) -> None:
+        """The training mesh (``mesh.*``, over every process's devices) and the policy (and frozen reference) laid
+        out on it FSDP-style, with tensor parallelism where the mesh has a tensor axis."""
+        from tlt_jax.parallel.mesh import make_mesh
+
+        self.mesh = make_mesh(self.config.mesh, self.devices)
+        self.param_shards = shd.tree_shardings(params, self.mesh)
+        self.params = shd.tree_to_global(params, self.param_shards)
+        self.ref_params = (shd.tree_to_global(params, self.param_shards) if float(self.config.rl.kl_coef) > 0
+                           else None)
+        self.is_main = jax.process_index() == 0  # the process that writes logs, metrics and plots
+
+    def _logprob_fn(self, batch: int, num_answer: int):
+        key = ("logprob", batch, num_answer)
+        if key not in self._compiled:
+            self._compiled[key] = grpo.sharded_logprob(self.mesh, self.graphdef, num_answer,
+                                                       float(self.config.rl.temperature), self.param_shards,
+                                                       grpo.batch_shardings(self.mesh, batch))
+        return self._compiled[key]
+
+    def _update_fn(self, batch: int):
+        key = ("update", batch)
+        if key not in self._compiled:
+            self._compiled[key] = grpo.sharded_update(self.mesh, self.graphdef, self.optimizer, self.gcfg,
+                                                      self.param_shards, self.opt_shards,
+                                                      grpo.batch_shardings(self.mesh, batch))
+        return self._compiled[key]
 
     def _encode_prompts(self) -> None:
         from tlt_jax.data.loader import with_instruction
@@ -226,7 +262,7 @@ class Trainer:
             -(-int(c.rollout.max_prompt_len) // 8) * 8, int(c.rl.max_new_tokens))
         dgraphdef = nnx.split(self.drafter)[0] if self.drafter is not None else None
         self.engine = AdaptiveEngine(self.graphdef, self.spec, ecfg, batch_size=rows, cache_len=cache_len,
-                                     dgraphdef=dgraphdef, pool=pool, prompt_multiple=int(c.rl.prompt_multiple))
+                                     dgraphdef=dgraphdef, pool=pool, devices=self.devices, prompt_multiple=int(c.rl.prompt_multiple))
         if self.drafter is not None and t.spot_training:
             self.buffer = DrafterBuffer(int(t.buffer_capacity), int(t.buffer_window), int(t.buffer_lag))
             tg, dparams, drest = split_drafter(self.drafter)
@@ -264,7 +300,6 @@ class Trainer:
         from tlt_jax.rollout import generate
         from tlt_jax.rollout.speculative import generate_speculative
 
-        model = nnx.merge(self.graphdef, self.params)
         cache_len = int(self.config.rollout.cache_len) or None
         if self.engine is not None:
             dstate = nnx.split(self.drafter)[1] if self.drafter is not None else None
@@ -275,8 +310,14 @@ class Trainer:
             self._sync_drafter()
             self.last_engine_stats = out.stats
             return out.result, out.accept_len
-        if self.sspec is None:
-            return generate(model, prompts, self.spec, seed=seed, cache_len=cache_len), None
+        if self.sspec is None:  # plain rollouts over the whole training mesh
+            model = nnx.merge(self.graphdef, self.params)
+            return generate(model, prompts, self.spec, seed=seed, cache_len=cache_len, mesh=self.mesh), None
+        # the non-adaptive speculative rollout runs on one local device (every process runs the whole batch)
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+        one = NamedSharding(Mesh(np.asarray(jax.local_devices()[:1]), ("data",)), PartitionSpec())
+        model = nnx.merge(self.graphdef, shd.to_mesh(self.params, one))
         out = generate_speculative(model, prompts, self.spec, self.sspec, self.drafter, seed=seed,
                                    cache_len=cache_len)
         return out.result, out.accept_len
@@ -324,30 +365,30 @@ class Trainer:
         t0 = time.perf_counter()
         tokens, valid, amask, adv = self.build_batch(prompts, res.tokens, adv)
         n = amask.shape[1]
-        old_logp, _, hidden = grpo.logprob_forward(self.params, tokens, valid, graphdef=self.graphdef,
-                                                   num_answer=n, temperature=float(rl.temperature))
-        if self.ref_params is not None:
-            ref_logp, _, _ = grpo.logprob_forward(self.ref_params, tokens, valid, graphdef=self.graphdef,
-                                                  num_answer=n, temperature=float(rl.temperature))
-        else:
-            ref_logp = jnp.zeros_like(old_logp)
-        old_logp.block_until_ready()
+        rows = grpo.batch_shardings(self.mesh, len(prompts))
+        logprob = self._logprob_fn(len(prompts), n)
+        toks_g, valid_g = shd.to_global(tokens, rows.tokens), shd.to_global(valid, rows.valid)
+        old_logp, _, hidden = logprob(self.params, toks_g, valid_g)
+        old_logp = shd.to_host(old_logp)
+        ref_logp = (shd.to_host(logprob(self.ref_params, toks_g, valid_g)[0]) if self.ref_params is not None
+                    else np.zeros_like(old_logp))
         if self.buffer is not None:  # the drafter's training data: features of this step's answers
-            self.buffer.add(step, tokens, np.asarray(hidden), valid, answer_start=tokens.shape[1] - n)
+            self.buffer.add(step, tokens, shd.to_host(hidden), valid, answer_start=tokens.shape[1] - n)
+        del hidden
         t_logprob = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         m = int(rl.minibatches)
         size = len(prompts) // m
         order = np.random.default_rng([seed, 3]).permutation(len(prompts))
+        update, mb = self._update_fn(size), grpo.batch_shardings(self.mesh, size)
         sums: Dict[str, float] = {}
         skipped = 0
         for k in range(m):
             sel = order[k * size:(k + 1) * size]
-            batch = grpo.TrainBatch(tokens[sel], valid[sel], amask[sel], adv[sel], old_logp[sel], ref_logp[sel])
-            self.params, self.opt_state, met = grpo.update_step(self.params, self.opt_state, batch,
-                                                                graphdef=self.graphdef, optimizer=self.optimizer,
-                                                                cfg=self.gcfg)
+            host = (tokens[sel], valid[sel], amask[sel], adv[sel], old_logp[sel], ref_logp[sel])
+            batch = grpo.TrainBatch(*(shd.to_global(x, s) for x, s in zip(host, mb)))
+            self.params, self.opt_state, met = update(self.params, self.opt_state, batch)
             met = {k2: float(v) for k2, v in jax.device_get(met).items()}
             if met["skipped"]:
                 skipped += 1
@@ -389,11 +430,17 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ state
 
     def state_items(self) -> Dict[str, Any]:
+        """What a checkpoint holds. The policy and its optimizer state are saved as laid out on the training mesh
+        (each process writes its shards); the drafter's, kept whole on every process, are saved replicated."""
         items = {"policy": _leaves(self.params), "opt": _leaves(self.opt_state)}
+        rep = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
         if self.drafter is not None:
             items["drafter"] = _leaves(nnx.state(self.drafter, nnx.Param))
         if self.spot is not None:
             items["drafter_opt"] = _leaves(self.spot.opt_state)
+        for k in ("drafter", "drafter_opt"):
+            if k in items:
+                items[k] = {n: shd.to_global(x, rep) for n, x in items[k].items()}
         return items
 
     def save(self) -> str:
@@ -416,14 +463,15 @@ class Trainer:
         step, items, meta = checkpoint.restore(self.ckpt_dir, want, step)
         self.params = _unleaves(self.params, items["policy"])
         self.opt_state = _unleaves(self.opt_state, items["opt"])
+        local = lambda flat: {n: jnp.asarray(shd.to_host(x)) for n, x in flat.items()}  # noqa: E731
         if self.drafter is not None:
-            state = _unleaves(nnx.state(self.drafter, nnx.Param), items["drafter"])
+            state = _unleaves(nnx.state(self.drafter, nnx.Param), local(items["drafter"]))
             nnx.update(self.drafter, state)
         if self.spot is not None:
             from tlt_jax.drafter.train import split_drafter
 
             self.spot.params = split_drafter(self.drafter)[1]
-            self.spot.opt_state = _unleaves(self.spot.opt_state, items["drafter_opt"])
+            self.spot.opt_state = _unleaves(self.spot.opt_state, local(items["drafter_opt"]))
             self.spot.total_steps = int(meta.get("drafter_updates", 0))
             self.drafter_warm = bool(meta.get("drafter_warm", self.drafter_warm))
         self.step = int(meta["step"])
@@ -474,19 +522,20 @@ class Trainer:
         total = int(self.config.rl.steps)
         every = int(self.config.train.checkpoint_every)
         writer = None
-        if self.config.train.tensorboard:
+        if self.config.train.tensorboard and self.is_main:
             from tensorboardX import SummaryWriter
 
             writer = SummaryWriter(os.path.join(self.workdir, "tb"))
-        bar = tqdm(total=total, initial=self.step, desc="GRPO", unit="step", disable=not progress,
-                   dynamic_ncols=True)
+        bar = tqdm(total=total, initial=self.step, desc="GRPO", unit="step", dynamic_ncols=True,
+                   disable=not (progress and self.is_main))
         try:
             while self.step < total:
                 metrics = self.train_step()
-                with open(self.metrics_path, "a") as f:
-                    f.write(json.dumps(metrics) + "\n")
-                with open(self.samples_path, "a") as f:
-                    f.writelines(json.dumps(x) + "\n" for x in self.last_samples)
+                if self.is_main:
+                    with open(self.metrics_path, "a") as f:
+                        f.write(json.dumps(metrics) + "\n")
+                    with open(self.samples_path, "a") as f:
+                        f.writelines(json.dumps(x) + "\n" for x in self.last_samples)
                 if writer is not None:
                     for k, v in metrics.items():
                         if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
@@ -506,8 +555,12 @@ class Trainer:
             bar.close()
             if writer is not None:
                 writer.close()
+        if jax.process_count() > 1:
+            from tlt_jax.parallel.multihost import barrier
+
+            barrier("tlt_train_done")  # process 0 has written the last metrics line
         history = self.read_metrics()
-        if self.config.train.plots and history:
+        if self.config.train.plots and history and self.is_main:
             from tlt_jax.rl.plots import write_plots
 
             write_plots(history, os.path.join(self.workdir, "plots"))

@@ -189,12 +189,12 @@ def pad_prompts(prompts: Sequence[Sequence[int]], *, pad_id: int = 0, side: str 
 
 
 def _place(x: np.ndarray, mesh) -> jax.Array:
-    """Device array; with a mesh, split over the batch axes."""
+    """Device array; with a mesh (which may span several processes), split over the batch axes."""
     if mesh is None:
         return jnp.asarray(x)
-    from tlt_jax.parallel.sharding import batch_sharding
+    from tlt_jax.parallel.sharding import batch_sharding, to_global
 
-    return jax.device_put(x, batch_sharding(mesh, x.shape))
+    return to_global(x, batch_sharding(mesh, x.shape))
 
 
 def default_cache_len(prompt_width: int, max_new_tokens: int, multiple: int = 64) -> int:
@@ -250,20 +250,19 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], spec: RolloutSpec
     t0 = time.perf_counter()
     st = start_rollout(params, toks, valid, limits,
                        jax.random.PRNGKey(seed), graphdef=graphdef, spec=spec, cache_len=cache_len)
-    done = np.asarray(st.done)
+    from tlt_jax.parallel.sharding import to_host
+
+    done = to_host(st.done)
     t1 = time.perf_counter()
     chunks = 0
     while not done.all():
         st = decode_chunk(params, st, graphdef=graphdef, spec=spec)
         chunks += 1
-        done = np.asarray(st.done)
+        done = to_host(st.done)
         if on_chunk is not None:
             on_chunk(st)
     t2 = time.perf_counter()
-    num = np.asarray(st.num_tokens)
-    all_toks = np.asarray(st.tokens)
-    all_lp = np.asarray(st.logprobs)
-    finish = np.asarray(st.finish)
+    num, all_toks, all_lp, finish = (to_host(x) for x in (st.num_tokens, st.tokens, st.logprobs, st.finish))
     return RolloutResult(
         tokens=[all_toks[i, :num[i]].tolist() for i in range(b)],
         logprobs=[all_lp[i, :num[i]] for i in range(b)],
