@@ -34,6 +34,7 @@ setup(
         "console_scripts": [
             "tlt-generate=tlt_jax.cli.generate:main",
             "tlt-inspect=tlt_jax.cli.inspect_model:main",
+            "tlt-launch=tlt_jax.cli.launch:main",
             "tlt-train=tlt_jax.cli.train:main",
         ],
     },

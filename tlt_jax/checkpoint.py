@@ -102,12 +102,15 @@ def _describe_write_error(e: BaseException) -> str:
 
 
 def latest_step(directory: str) -> Optional[int]:
-    if not os.path.isdir(os.path.expanduser(directory)):
+    """The newest complete step in ``directory`` (None if there is none). Read from the file system alone: orbax
+    writes a step under a temporary name and renames it when complete, so every ``<int>`` directory is complete.
+    (No CheckpointManager here: in a multi-process job its constructor is a collective, and a process that sees
+    no directory yet must not skip it while another one enters it.)"""
+    directory = os.path.expanduser(directory)
+    if not os.path.isdir(directory):
         return None
-    mngr = _manager(directory, create=False)
-    step = mngr.latest_step()
-    mngr.close()
-    return step
+    steps = [int(n) for n in os.listdir(directory) if n.isdigit() and os.path.isdir(os.path.join(directory, n))]
+    return max(steps) if steps else None
 
 
 def read_metadata(directory: str, step: Optional[int] = None) -> Tuple[int, Dict[str, Any]]:
@@ -148,3 +151,21 @@ def _resolve_step(directory: str, step: Optional[int]) -> int:
         if step is None:
             raise CheckpointError(f"no complete checkpoint step in {directory}")
     return int(step)
+
+
+def read_host_arrays(directory: str, name: str, step: Optional[int] = None) -> Tuple[int, Dict[str, np.ndarray]]:
+    """One item of a checkpoint as host (numpy) arrays, whatever devices or processes wrote it: for analysis and
+    comparisons, no model needed. Returns (step, {key: array}) for a flat item such as the trainer's."""
+    step = _resolve_step(directory, step)
+    mngr = ocp.CheckpointManager(os.path.abspath(os.path.expanduser(directory)),
+                                 item_handlers={name: ocp.StandardCheckpointHandler()})
+    try:
+        meta = mngr.item_metadata(step)[name]
+        if meta is None:
+            raise CheckpointError(f"checkpoint {directory} step {step} has no item {name!r}")
+        tree = getattr(meta, "tree", meta)
+        target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), dict(tree))
+        out = mngr.restore(step, args=ocp.args.Composite(**{name: ocp.args.StandardRestore(target)}))
+    finally:
+        mngr.close()
+    return step, dict(out[name])

@@ -5,6 +5,11 @@
 TLT (speculative rollouts) is on by default; ``--config.tlt.enable=False`` runs the same job as the baseline
 with plain rollouts. Metrics go to DIR/metrics.jsonl and DIR/tb, checkpoints to DIR/checkpoints, plots to
 DIR/plots. ``--resume`` continues a run from its newest checkpoint.
+
+Several processes (hosts) run one job when each is started with the same command plus its place in the job:
+``--coordinator HOST:PORT --num-processes N --process-id I`` (or TLT_COORDINATOR, TLT_NUM_PROCESSES,
+TLT_PROCESS_ID; ``tlt-launch`` sets them for processes on one machine), or ``--distributed`` where
+jax.distributed detects the cluster itself (TPU pod slices, SLURM). See launch/ and the README.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ def _arguments(ap) -> None:
 def main(argv=None) -> int:
     from tlt_jax.cli.common import config_main
 
-    return config_main("tlt-train", __doc__, _arguments, run, argv)
+    return config_main("tlt-train", __doc__, _arguments, run, argv, distributed=True)
 
 
 def run(config, args) -> int:

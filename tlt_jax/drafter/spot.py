@@ -120,11 +120,15 @@ class SpotTrainer:
                                  (jax.device_get(self.params), jax.device_get(self.opt_state)))
             part = summed if summed is not None else zeros
             summed = jax.tree.map(lambda x: gather(np.asarray(x)).sum(0), part)
-            loss_all = gather(np.array([float(np.sum(losses)), float(len(losses))]))
-            mean_loss = float(loss_all[:, 0].sum() / max(loss_all[:, 1].sum(), 1))
         else:
+            gather = None
             count_all, steps_all = float(len(host)), steps_local
-            mean_loss = float(np.mean(losses)) if losses else float("nan")
+        # loss and top-1 over every trained copy of every process (NaN when no drafter step ran)
+        sums = np.array([float(np.sum(losses)), float(np.sum(top1)), float(len(losses))])
+        if gather is not None:
+            sums = gather(sums).sum(0)
+        mean_loss, mean_top1 = ((float(sums[0] / sums[2]), float(sums[1] / sums[2])) if sums[2]
+                                else (float("nan"), float("nan")))
         if count_all > 0:
             like = (self.params, self.opt_state)
             avg = jax.tree.map(lambda s_, ref: np.asarray(s_ / count_all).astype(np.asarray(ref).dtype), summed,
@@ -133,8 +137,7 @@ class SpotTrainer:
             self.opt_state = jax.tree.map(jnp.asarray, avg[1])
         n_steps = int(np.sum(steps_all))
         self.total_steps += n_steps
-        out = {"drafter_steps": n_steps, "drafter_loss": mean_loss,
-               "drafter_top1": float(np.mean(top1)) if top1 else float("nan"),
+        out = {"drafter_steps": n_steps, "drafter_loss": mean_loss, "drafter_top1": mean_top1,
                "drafter_replicas_trained": int(count_all), "drafter_dispatch_s": float(sum(
                    s["t"] for s in self._live.values())), "drafter_total_steps": self.total_steps}
         self._live = {}

@@ -125,3 +125,76 @@ def barrier(name: str) -> None:
     """Waits until every process reaches the barrier called ``name``."""
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)
+
+
+# ------------------------------------------------------------------------------------------ command-line jobs
+
+ENV_COORDINATOR = "TLT_COORDINATOR"  # host:port of process 0 (set by tlt-launch, or by hand)
+ENV_NUM_PROCESSES = "TLT_NUM_PROCESSES"
+ENV_PROCESS_ID = "TLT_PROCESS_ID"
+ENV_LOCAL_DEVICES = "TLT_LOCAL_DEVICES"  # CPU only: this process's device count
+
+
+def add_arguments(ap) -> None:
+    """The multi-process flags of a job command (each falls back to its TLT_* environment variable)."""
+    g = ap.add_argument_group("multi-process (several hosts, or several processes on one host)")
+    g.add_argument("--coordinator", default=None, help=f"host:port of process 0 (env {ENV_COORDINATOR})")
+    g.add_argument("--num-processes", type=int, default=None, help=f"processes in the job (env {ENV_NUM_PROCESSES})")
+    g.add_argument("--process-id", type=int, default=None, help=f"this process, 0-based (env {ENV_PROCESS_ID})")
+    g.add_argument("--local-devices", type=int, default=None,
+                   help=f"CPU only: XLA devices of this process (env {ENV_LOCAL_DEVICES})")
+    g.add_argument("--distributed", action="store_true",
+                   help="join through jax.distributed's own cluster detection (TPU pod slices, SLURM)")
+    g.add_argument("--dist-timeout", type=int, default=300,
+                   help="seconds to wait for the other processes; a process silent this long counts as dead")
+
+
+def join_from_arguments(args, log=print) -> bool:
+    """Joins the job's processes as ``add_arguments``' flags (or the TLT_* variables) say; False for a
+    single-process job. Must run before anything starts JAX's backend."""
+    import os
+
+    from tlt_jax.errors import ConfigError
+
+    coordinator = args.coordinator or os.environ.get(ENV_COORDINATOR)
+    local = args.local_devices if args.local_devices is not None else os.environ.get(ENV_LOCAL_DEVICES)
+    if local and int(local) < 1:
+        raise ConfigError(f"--local-devices must be >= 1, got {local}")
+    if local and not coordinator:
+        jax.config.update("jax_num_cpu_devices", int(local))
+    if coordinator:
+        def need(value, env, flag):
+            value = value if value is not None else os.environ.get(env)
+            if value is None:
+                raise ConfigError(f"a multi-process job with a coordinator needs {flag} (or {env})")
+            return int(value)
+
+        n = need(args.num_processes, ENV_NUM_PROCESSES, "--num-processes")
+        pid = need(args.process_id, ENV_PROCESS_ID, "--process-id")
+        if n < 1 or not 0 <= pid < n:
+            raise ConfigError(f"process id {pid} is not in [0, {n})")
+        if n == 1:
+            if local:
+                jax.config.update("jax_num_cpu_devices", int(local))
+            return False
+        initialize(coordinator, n, pid, local_devices=int(local) if local else None, timeout_s=args.dist_timeout)
+    elif args.distributed:
+        jax.distributed.initialize(initialization_timeout=args.dist_timeout,
+                                   heartbeat_timeout_seconds=args.dist_timeout)
+    else:
+        return False
+    log(f"[tlt] process {jax.process_index()} of {jax.process_count()}: {jax.local_device_count()} local of "
+        f"{jax.device_count()} {jax.devices()[0].platform} devices")
+    return True
+
+
+def describe_failure(e: BaseException) -> str:
+    """One line for an error in a multi-process job; collective failures say that a peer has probably died."""
+    text = f"{type(e).__name__}: {e}".strip().splitlines()[0][:400]
+    lost = ("gloo", "Connection closed", "connection reset", "DEADLINE_EXCEEDED", "UNAVAILABLE", "unhealthy",
+            "heartbeat", "Socket closed", "Broken pipe")
+    me = f"process {jax.process_index()} of {jax.process_count()}"
+    if any(s.lower() in text.lower() for s in lost):
+        return (f"{me} lost contact with the other processes ({text}); one of them has probably died: see its "
+                f"log for the first error")
+    return f"{me} failed: {text}"
