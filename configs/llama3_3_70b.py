@@ -21,4 +21,5 @@ def get_config():
     c.rollout.chunk_steps = 64
     c.rollout.stop_strings = ("<|eot_id|>",)
     c.mesh.tensor = 4
+    c.train.remat = True  # activations of one layer at a time in the backward pass
     return c

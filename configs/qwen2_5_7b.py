@@ -17,4 +17,5 @@ def get_config():
     c.rollout.max_new_tokens = 8192
     c.rollout.chunk_steps = 64
     c.mesh.fsdp = -1
+    c.train.remat = True  # activations of one layer at a time in the backward pass
     return c

@@ -18,4 +18,5 @@ def get_config():
     c.rollout.max_new_tokens = 16384
     c.rollout.chunk_steps = 64
     c.rollout.stop_strings = ("<｜end▁of▁sentence｜>",)
+    c.train.remat = True  # activations of one layer at a time in the backward pass
     return c

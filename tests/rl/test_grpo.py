@@ -118,3 +118,24 @@ def test_a_nan_loss_skips_the_update():
         np.testing.assert_array_equal(a, np.asarray(b))
     for a, b in zip(jax.tree.leaves(state_before), jax.tree.leaves(state)):
         np.testing.assert_array_equal(a, np.asarray(b))
+
+
+def test_remat_gives_the_same_update():
+    import optax
+
+    graphdef, params, batch = _train_setup([1.0, -0.5, 0.25, -0.75])
+    sgd = optax.sgd(1.0)  # new params = params - gradient
+    out = {}
+    for remat in (False, True):
+        p = jax.tree.map(jnp.copy, params)
+        out[remat], _, _ = grpo.update_step(p, sgd.init(p), batch, graphdef=graphdef, optimizer=sgd,
+                                            cfg=grpo.GRPOConfig(remat=remat))
+    moved = 0.0
+    for a, b, p0 in zip(jax.tree.leaves(out[False]), jax.tree.leaves(out[True]), jax.tree.leaves(params)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-7)
+        moved = max(moved, float(np.abs(np.asarray(a) - np.asarray(p0)).max()))
+    assert moved > 1e-4  # a real gradient step was compared
+    for remat in (False, True):  # the layers are rematerialised in the backward pass only when asked
+        text = grpo.update_step.lower(params, sgd.init(params), batch, graphdef=graphdef, optimizer=sgd,
+                                      cfg=grpo.GRPOConfig(remat=remat)).as_text()
+        assert ("optimization_barrier" in text) == remat

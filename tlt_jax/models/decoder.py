@@ -171,7 +171,7 @@ class Decoder(nnx.Module):
 
     def __call__(self, tokens, positions, new_mask, cache: Optional[KVCache] = None, *, write_slots=None,
                  logit_index=None, attend_len: Optional[int] = None, use_prefix: bool = True,
-                 return_new_kv: bool = False, attn_impl: str = "reference") -> ForwardOutput:
+                 return_new_kv: bool = False, attn_impl: str = "reference", remat: bool = False) -> ForwardOutput:
         """General forward.
 
         Args:
@@ -185,6 +185,8 @@ class Decoder(nnx.Module):
           attend_len: static bound on the cache slots read (see ``cached_attention``).
           use_prefix: static; False skips the cache read (fresh prefill).
           return_new_kv: static; also return the new tokens' keys and values per layer.
+          remat: static; without a cache, recompute each layer's activations in the backward pass instead of
+            keeping them (training memory: one layer's activations instead of all of them).
         """
         cfg = self.cfg
         inv_freq = rope_inv_freq(cfg)
@@ -194,6 +196,17 @@ class Decoder(nnx.Module):
         if cache is None:
             write_slots = None
         new_k, new_v, kvs = [], [], []
+        if remat and cache is None and not return_new_kv:
+            def block(layer, x, positions, new_mask, inv_freq):
+                return layer(x, positions, new_mask, None, None, None, inv_freq, attend_len, attn_impl, None,
+                             False)[0]
+
+            block = nnx.remat(block)
+            for layer in self.layers:
+                x = block(layer, x, positions, new_mask, inv_freq)
+            hidden = self.norm(x)
+            h_sel = hidden if logit_index is None else jnp.take_along_axis(hidden, logit_index[..., None], axis=1)
+            return ForwardOutput(self.logits(h_sel), hidden, None, None)
         for i, layer in enumerate(self.layers):
             kc = cache.k[i] if cache is not None else None
             vc = cache.v[i] if cache is not None else None

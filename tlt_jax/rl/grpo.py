@@ -28,6 +28,7 @@ class GRPOConfig(NamedTuple):
     kl_coef: float = 0.0  # > 0: low-variance KL (k3) to the frozen reference, added to the loss
     aggregation: str = "token_mean"  # 'token_mean' (over all answer tokens) or 'seq_mean' (per answer, then mean)
     temperature: float = 1.0  # the rollout's sampling temperature: log-probs are of logits / temperature
+    remat: bool = False  # recompute each layer's activations in the backward pass (train.remat)
 
 
 class TrainBatch(NamedTuple):
@@ -63,8 +64,8 @@ def _positions_and_mask(valid: jax.Array) -> Tuple[jax.Array, jax.Array]:
     return positions, mask
 
 
-def answer_logprobs(model: Decoder, tokens: jax.Array, valid: jax.Array, num_answer: int, temperature: float
-                    ) -> Tuple[jax.Array, jax.Array, jax.Array]:
+def answer_logprobs(model: Decoder, tokens: jax.Array, valid: jax.Array, num_answer: int, temperature: float,
+                    remat: bool = False) -> Tuple[jax.Array, jax.Array, jax.Array]:
     """The actor's forward over prompt + answer.
 
     Returns (log-probs [B, N] of the answer tokens under softmax(logits / temperature), entropy [B, N] of that
@@ -74,7 +75,7 @@ def answer_logprobs(model: Decoder, tokens: jax.Array, valid: jax.Array, num_ans
     p = l - num_answer
     positions, mask = _positions_and_mask(valid)
     idx = jnp.broadcast_to(jnp.arange(p - 1, l - 1, dtype=jnp.int32)[None], (b, num_answer))
-    out = model(tokens, positions, mask, None, logit_index=idx)
+    out = model(tokens, positions, mask, None, logit_index=idx, remat=remat)
     logits = out.logits.astype(jnp.float32) / temperature
     logp_all = jax.nn.log_softmax(logits, axis=-1)
     logp = jnp.take_along_axis(logp_all, tokens[:, p:, None], axis=-1)[..., 0]
@@ -134,7 +135,7 @@ def _update(params, opt_state, batch: TrainBatch, *, graphdef, optimizer: optax.
 
     def loss_fn(p):
         model = nnx.merge(graphdef, p)
-        logp, entropy, _ = answer_logprobs(model, batch.tokens, batch.valid, n, cfg.temperature)
+        logp, entropy, _ = answer_logprobs(model, batch.tokens, batch.valid, n, cfg.temperature, cfg.remat)
         loss, metrics = policy_loss(logp, batch, cfg)
         m = batch.answer_mask.astype(jnp.float32)
         metrics["entropy"] = jax.lax.stop_gradient((entropy * m).sum() / jnp.maximum(m.sum(), 1.0))

@@ -124,7 +124,8 @@ class Trainer:
                                 sampling=SamplingParams(float(rl.temperature), int(rl.top_k), float(rl.top_p)),
                                 chunk_steps=int(config.rollout.chunk_steps), attn_impl=config.model.attn_impl)
         self.gcfg = grpo.GRPOConfig(clip_eps=float(rl.clip_eps), kl_coef=float(rl.kl_coef),
-                                    aggregation=rl.aggregation, temperature=float(rl.temperature))
+                                    aggregation=rl.aggregation, temperature=float(rl.temperature),
+                                    remat=bool(config.train.remat))
         self.optimizer = grpo.make_optimizer(float(rl.lr), float(rl.weight_decay), float(rl.grad_clip),
                                              int(rl.warmup_steps))
         self.opt_shards = shd.opt_state_shardings(jax.eval_shape(self.optimizer.init, self.params), self.params,
