@@ -22,4 +22,5 @@ def get_config():
     c.rollout.stop_strings = ("<|eot_id|>",)
     c.mesh.tensor = 4
     c.train.remat = True  # activations of one layer at a time in the backward pass
+    c.tlt.replica_tensor = 4  # rollout replicas split the model over 4 devices
     return c

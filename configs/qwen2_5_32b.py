@@ -18,4 +18,5 @@ def get_config():
     c.rollout.chunk_steps = 64
     c.mesh.tensor = 2
     c.train.remat = True  # activations of one layer at a time in the backward pass
+    c.tlt.replica_tensor = 2  # rollout replicas split the model over 2 devices
     return c

@@ -93,6 +93,7 @@ def base_config() -> ml_collections.ConfigDict:
         enable=True,  # the A/B switch: True = speculative rollouts (TLT), False = plain rollouts (baseline)
         adaptive=True,  # the adaptive engine; False: speculative.strategy on the whole batch, all the way
         replicas=2,  # rollout replicas (sub-meshes of the devices); finished ones train the drafter
+        replica_tensor=1,  # tensor parallelism inside a replica: devices per model copy (big models)
         sd_threshold=32,  # speculation is considered once a replica's live rows fit this bucket
         arms=("chain-4", "4_2_8"),  # BEG-MAB arms with the learned drafter (per bucket <= sd_threshold)
         ngram_arms=("ngram:chain-3",),  # arms while the drafter is not warm (TLT-Base: the only ones)
@@ -378,7 +379,7 @@ def _validate_rl(cfg: ml_collections.ConfigDict) -> None:
     if int(t.buffer_window) < 2:
         raise ConfigError(f"tlt.buffer_window must be >= 2 (a sequence needs a token to predict), got "
                           f"{t.buffer_window}")
-    for key in ("replicas", "max_programs", "spot_rows", "buffer_capacity", "buffer_lag", "window"):
+    for key in ("replicas", "replica_tensor", "max_programs", "spot_rows", "buffer_capacity", "buffer_lag", "window"):
         if int(t[key]) < 1:
             raise ConfigError(f"tlt.{key} must be >= 1, got {t[key]}")
     for key in ("sd_threshold", "spot_max_steps", "warm_after", "spot_weight_decay", "spot_noise"):

@@ -46,12 +46,16 @@ def test_buckets_and_replicas():
     assert [r.devices for r in make_replicas(3, jax.devices()[:1])] == [(jax.devices()[0],)] * 3
     with pytest.raises(ConfigError, match="evenly"):
         make_replicas(3, jax.devices()[:8])
+    tp = make_replicas(2, jax.devices()[:8], tensor=2)  # tensor parallelism inside each replica
+    assert [dict(r.mesh.shape) for r in tp] == [{"data": 2, "tensor": 2}] * 2 and tp[1].data_size == 2
+    with pytest.raises(ConfigError, match="replica_tensor=3 does not divide"):
+        make_replicas(2, jax.devices()[:8], tensor=3)
 
 
-@pytest.mark.parametrize("replicas,ndev", [(1, 1), (2, 4)])
-def test_compaction_and_arms_keep_greedy_outputs(setup, replicas, ndev):
+@pytest.mark.parametrize("replicas,ndev,tensor", [(1, 1, 1), (2, 8, 2)])
+def test_compaction_and_arms_keep_greedy_outputs(setup, replicas, ndev, tensor):
     model, drafter, prompts, max_new, ref = setup
-    eng = _engine(model, drafter, replicas, jax.devices()[:ndev])
+    eng = _engine(model, drafter, replicas, jax.devices()[:ndev], replica_tensor=tensor)
     params, dstate = nnx.split(model)[1], nnx.split(drafter)[1]
     for use_drafter in (True, False):
         out = eng.rollout(params, dstate, prompts, seed=0, use_drafter=use_drafter, max_new=max_new)

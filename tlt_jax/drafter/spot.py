@@ -84,7 +84,7 @@ class SpotTrainer:
             return False
         t0 = time.perf_counter()
         r = s["replica"]
-        n = len(r.devices)
+        n = r.data_size
         split = NamedSharding(r.mesh, P("data") if self.rows % n == 0 and n > 1 else P())
         tokens, feats, mask, seg = (jax.device_put(x, split) for x in
                                     (batch.tokens, batch.feats, batch.loss_mask, batch.segments))

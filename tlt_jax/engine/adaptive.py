@@ -47,6 +47,7 @@ def next_pow2(n: int) -> int:
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     replicas: int = 1
+    replica_tensor: int = 1  # tensor parallelism inside a replica (models too big for one device)
     sd_threshold: int = 32  # speculation is considered once a replica's bucket is at most this many rows
     arms: Tuple[str, ...] = ("chain-4", "4_2_8")  # strategies with the learned drafter
     ngram_arms: Tuple[str, ...] = ("ngram:chain-3",)  # strategies while the drafter is not warm
@@ -62,6 +63,8 @@ class EngineConfig:
     def __post_init__(self):
         if int(self.replicas) < 1:
             raise ConfigError(f"tlt.replicas must be >= 1, got {self.replicas}")
+        if int(self.replica_tensor) < 1:
+            raise ConfigError(f"tlt.replica_tensor must be >= 1, got {self.replica_tensor}")
         if int(self.sd_threshold) < 0:
             raise ConfigError(f"tlt.sd_threshold must be >= 0 (0: never speculate), got {self.sd_threshold}")
         for name, arms in (("tlt.arms", self.arms), ("tlt.ngram_arms", self.ngram_arms)):
@@ -77,8 +80,8 @@ class EngineConfig:
     def from_config(config) -> "EngineConfig":
         t = config.tlt
         sp = config.speculative
-        return EngineConfig(replicas=int(t.replicas), sd_threshold=int(t.sd_threshold), arms=tuple(t.arms),
-                            ngram_arms=tuple(t.ngram_arms), plain_arm=bool(t.plain_arm), epsilon=float(t.epsilon),
+        return EngineConfig(replicas=int(t.replicas), replica_tensor=int(t.replica_tensor),
+                            sd_threshold=int(t.sd_threshold), arms=tuple(t.arms), ngram_arms=tuple(t.ngram_arms), plain_arm=bool(t.plain_arm), epsilon=float(t.epsilon),
                             window=int(t.window), compact=bool(t.compact), max_programs=int(t.max_programs),
                             ngram_max=int(sp.ngram_max), ngram_min=int(sp.ngram_min), seed=int(config.seed))
 
@@ -86,18 +89,23 @@ class EngineConfig:
 class Replica(NamedTuple):
     index: int
     devices: Tuple[jax.Device, ...]
-    mesh: Mesh
+    mesh: Mesh  # axes ("data", "tensor"): rows over data, the policy's heads / FFN / vocabulary over tensor
     local: bool  # every device of the replica belongs to this process
 
+    @property
+    def data_size(self) -> int:
+        return int(self.mesh.shape["data"])
 
-def make_replicas(num: int, devices: Optional[Sequence[jax.Device]] = None) -> List[Replica]:
-    """``num`` disjoint sub-meshes of the devices (all of them: ``jax.devices()``), in device order.
+
+def make_replicas(num: int, devices: Optional[Sequence[jax.Device]] = None, tensor: int = 1) -> List[Replica]:
+    """``num`` disjoint sub-meshes of the devices (all of them: ``jax.devices()``), in device order, each a
+    (data, tensor) mesh with ``tensor`` devices per model copy.
 
     With fewer devices than replicas, replicas share devices round-robin (one CPU device, say): the engine
     still splits the batch and trains on finished replicas, but they run on the same hardware.
     """
     devices = list(jax.devices() if devices is None else devices)
-    num = int(num)
+    num, tensor = int(num), int(tensor)
     if num < 1:
         raise ConfigError(f"need at least one rollout replica, got {num}")
     if len(devices) >= num:
@@ -107,20 +115,27 @@ def make_replicas(num: int, devices: Optional[Sequence[jax.Device]] = None) -> L
         groups = [devices[i * k:(i + 1) * k] for i in range(num)]
     else:
         groups = [[devices[i % len(devices)]] for i in range(num)]
+    if len(groups[0]) % tensor:
+        raise ConfigError(f"tlt.replica_tensor={tensor} does not divide a replica's {len(groups[0])} device(s) "
+                          f"({len(devices)} devices, {num} replicas)")
     me = jax.process_index()
-    return [Replica(i, tuple(g), Mesh(np.asarray(g), ("data",)), all(d.process_index == me for d in g))
+    return [Replica(i, tuple(g), Mesh(np.asarray(g).reshape(len(g) // tensor, tensor), ("data", "tensor")),
+                    all(d.process_index == me for d in g))
             for i, g in enumerate(groups)]
 
 
 def _shardings(tree, mesh: Mesh, batch: int):
-    """Replica layout: leaves whose leading axis is the batch are split over the replica's devices when it
-    divides, everything else (parameters, the RNG key) is replicated."""
-    n = mesh.devices.size
+    """Replica layout: leaves whose leading axis is the batch are split over the replica's data axis when it
+    divides, KV caches ([B, KV heads, S, D]) also over the tensor axis by head (as tensor-parallel attention
+    leaves them), everything else (the RNG key, ...) is replicated."""
+    n, t = int(mesh.shape["data"]), int(mesh.shape["tensor"])
 
     def one(path, x):
         name = jax.tree_util.keystr(path)
         split = (x.ndim >= 1 and x.shape[0] == batch and batch % n == 0 and "rng" not in name)
-        return NamedSharding(mesh, P("data") if split and n > 1 else P())
+        heads = "tensor" if (t > 1 and x.ndim == 4 and "cache" in name and x.shape[1] % t == 0) else None
+        spec = ("data" if split and n > 1 else None, heads)[:max(1, x.ndim)] if x.ndim else ()
+        return NamedSharding(mesh, P(*spec))
     return jax.tree_util.tree_map_with_path(one, tree)
 
 
@@ -170,7 +185,7 @@ class AdaptiveEngine:
         self.graphdef, self.dgraphdef, self.spec, self.ecfg = graphdef, dgraphdef, spec, ecfg
         self.cache_len = int(cache_len)
         self.prompt_multiple = int(prompt_multiple)  # prompts are padded to a multiple: few prefill programs
-        self.replicas = make_replicas(ecfg.replicas, devices)
+        self.replicas = make_replicas(ecfg.replicas, devices, ecfg.replica_tensor)
         if batch_size % ecfg.replicas:
             raise ConfigError(f"a rollout batch of {batch_size} rows does not split over {ecfg.replicas} replicas")
         self.batch_size = int(batch_size)
@@ -245,11 +260,13 @@ class AdaptiveEngine:
     # ------------------------------------------------------------------------------------------ helpers
 
     def _place(self, r: Replica, params, dparams):
-        """The policy (possibly laid out over the whole training mesh) and the drafter, replicated on a replica."""
-        from tlt_jax.parallel.sharding import to_mesh
+        """The policy (possibly laid out over the whole training mesh) on a replica, by the sharding rules over
+        its tensor axis (whole on each device without one), and the drafter, replicated."""
+        from tlt_jax.parallel.sharding import to_mesh, tree_shardings
 
         rep = NamedSharding(r.mesh, P())
-        return to_mesh(params, rep), (to_mesh(dparams, rep) if dparams is not None else None)
+        return (to_mesh(params, tree_shardings(params, r.mesh)),
+                to_mesh(dparams, rep) if dparams is not None else None)
 
     def _gather_rows(self, x: np.ndarray) -> np.ndarray:
         """[num_processes, ...] of x from every process (one process: x[None])."""
@@ -314,7 +331,7 @@ class AdaptiveEngine:
             sel = [prompts[i] for i in rows] + [prompts[rows[0]]] * pad
             toks, valid = pad_prompts(sel, side="left", multiple=self.prompt_multiple)
             lim = np.concatenate([limits[rows], np.ones(pad, np.int32)])
-            shard = NamedSharding(r.mesh, P("data") if self.top_bucket % len(r.devices) == 0 else P())
+            shard = NamedSharding(r.mesh, P("data") if self.top_bucket % r.data_size == 0 else P())
             args = [jax.device_put(x, shard) for x in (toks, valid, lim)]
             key = jax.device_put(jax.random.fold_in(jax.random.PRNGKey(seed), r.index), NamedSharding(r.mesh, P()))
             run.state = start_speculative(p, dp, *args, key, graphdef=self.graphdef, dgraphdef=self.dgraphdef,

@@ -8,8 +8,9 @@ compiles, for the config's model on a mesh of ``--devices`` devices (fake CPU de
 * the GRPO **train step** (forward, backward, optimizer) with the policy and Adam state laid out by the sharding
   rules of ``mesh.*`` (FSDP, tensor parallelism) and a mini-batch of ``--rows`` rows split over the data axes;
 * the **speculative chunk** (draft/verify loop with the EAGLE drafter) the rollout engine runs on one replica:
-  the devices split into ``tlt.replicas`` sub-meshes, the policy whole on each, ``--bucket`` rows split over the
-  replica's devices, a KV cache for ``--prompt-len + --answer-len`` tokens;
+  the devices split into ``tlt.replicas`` sub-meshes of ``tlt.replica_tensor`` x data devices, the policy split
+  over the tensor axis (whole on each device when it is 1), ``--bucket`` rows over the data axis, a KV cache for
+  ``--prompt-len + --answer-len`` tokens;
 
 and reports each program's compile time and per-device memory from XLA's memory analysis (arguments, outputs,
 temporaries). The numbers are those of the CPU compiler when run on a CPU: a check that the paper-scale programs
@@ -103,9 +104,11 @@ def compile_speculative_chunk(config, devices: Sequence[jax.Device], bucket: int
 
     cfg, graphdef, params = abstract_policy(config)
     dgraphdef, dparams = nnx.split(nnx.eval_shape(lambda: Drafter(cfg, nnx.Rngs(0))))
-    replica = make_replicas(int(config.tlt.replicas), devices)[0]
+    from tlt_jax.parallel.sharding import tree_shardings
+
+    replica = make_replicas(int(config.tlt.replicas), devices, int(config.tlt.replica_tensor))[0]
     rep = NamedSharding(replica.mesh, P())
-    params = _with_sharding(params, jax.tree.map(lambda _: rep, params))
+    params = _with_sharding(params, tree_shardings(params, replica.mesh))
     dparams = _with_sharding(dparams, jax.tree.map(lambda _: rep, dparams))
     spec = RolloutSpec(max_new_tokens=cache_len // 2, stop_tokens=(0,),
                        sampling=SamplingParams(float(config.rl.temperature), int(config.rl.top_k),
@@ -124,7 +127,8 @@ def compile_speculative_chunk(config, devices: Sequence[jax.Device], bucket: int
     t1 = time.perf_counter()
     compiled = lowered.compile()
     t2 = time.perf_counter()
-    return {"program": "speculative_chunk", "replica_devices": len(replica.devices), "bucket": bucket,
+    return {"program": "speculative_chunk", "replica_devices": len(replica.devices),
+            "replica_mesh": dict(replica.mesh.shape), "bucket": bucket,
             "cache_len": cache_len, "strategy": strategy, "chunk_steps": spec.chunk_steps,
             "lower_s": round(t1 - t0, 2), "compile_s": round(t2 - t1, 2), **_memory(compiled)}
 

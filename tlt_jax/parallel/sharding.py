@@ -37,9 +37,20 @@ def _axis_size(mesh: Mesh, axis) -> int:
     return int(np.prod([mesh.shape[n] for n in names]))
 
 
+def _present(axis, mesh: Mesh):
+    """``axis`` (a name or a tuple of names) restricted to the mesh's axes; None if none is there."""
+    if axis is None:
+        return None
+    names = tuple(n for n in (axis if isinstance(axis, tuple) else (axis,)) if n in mesh.shape)
+    if not names:
+        return None
+    return names if isinstance(axis, tuple) else names[0]
+
+
 def fit_spec(shape: Sequence[int], axes: Sequence, mesh: Mesh) -> P:
-    """PartitionSpec for ``shape`` from per-dim axes, replicating dims the axes do not divide."""
-    axes = tuple(axes) + (None,) * (len(shape) - len(axes))
+    """PartitionSpec for ``shape`` from per-dim axes, replicating dims the axes do not divide. Axes the mesh does
+    not have are dropped (a rollout replica's (data, tensor) mesh has no fsdp axis)."""
+    axes = tuple(_present(a, mesh) for a in axes) + (None,) * (len(shape) - len(axes))
     out = []
     for dim, axis in zip(shape, axes[: len(shape)]):
         size = _axis_size(mesh, axis)
@@ -144,12 +155,15 @@ def to_host(x) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def to_mesh(tree, sharding: NamedSharding):
-    """Moves arrays (e.g. the training-mesh parameters) onto ``sharding``, whose devices all belong to this
-    process (a rollout replica). Arrays spread over several processes are all-gathered first."""
-    def one(x):
+def to_mesh(tree, shardings):
+    """Moves arrays (e.g. the training-mesh parameters) onto ``shardings`` (one, or a matching tree), whose
+    devices all belong to this process (a rollout replica). Arrays spread over several processes are all-gathered
+    first."""
+    def one(x, s):
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
             x = to_host(x)
-        return jax.device_put(x, sharding)
+        return jax.device_put(x, s)
 
-    return jax.tree.map(one, tree)
+    if isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(lambda x: one(x, shardings), tree)
+    return jax.tree.map(one, tree, shardings)
