@@ -135,3 +135,22 @@ def test_launcher_reports_the_first_failure_and_stops_the_rest(capfd):
     assert "stopping process 0" in err and "stopping process 2" in err
     assert main(["--processes", "2", "--", sys.executable, "-c", "pass"]) == 0
     assert main(["--processes", "2"]) == 2 and "no command to launch" in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("script", ["tpu_pod.sh", "slurm.sbatch"])
+def test_cluster_scripts_start_the_job_with_cluster_detection(script):
+    pre = ["my-tpu", "us-central2-b", "run"] if script == "tpu_pod.sh" else []
+    args = pre + ["configs/qwen2_5_7b.py", "/shared/runs/q 7", "--resume", "--config.rl.steps=5"]
+    r = subprocess.run(["bash", f"launch/{script}"] + args, cwd=str(REPO_ROOT), capture_output=True, text=True,
+                       env=dict(os.environ, DRY_RUN="1"), timeout=30)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.replace("\\ ", " ")
+    assert "-m tlt_jax.cli.train --distributed" in out and "--config configs/qwen2_5_7b.py" in out
+    assert "/shared/runs/q" in out and "--resume" in out and "--config.rl.steps=5" in out
+    if script == "tpu_pod.sh":
+        assert "--worker=all" in out  # the same command on every worker of the slice
+    else:
+        assert out.startswith("srun --kill-on-bad-exit=1")  # a failed node stops the others
+    bad = subprocess.run(["bash", f"launch/{script}"] + pre[:2], cwd=str(REPO_ROOT), capture_output=True, text=True,
+                         env=dict(os.environ, DRY_RUN="1"), timeout=30)
+    assert bad.returncode != 0 and "usage:" in bad.stderr

@@ -80,9 +80,8 @@ def test_opt_state_follows_the_parameter_layout():
     assert P("fsdp", "tensor") in {s.spec for s in moments}
 
 
-@pytest.mark.parametrize("tlt", [False, True], ids=["plain", "adaptive"])
-def test_trainer_keeps_policy_and_optimizer_sharded_through_steps_and_resume(tmp_path, tlt):
-    extra = ["tlt.enable=True", "tlt.replicas=2"] if tlt else ["tlt.enable=False"]
+def test_trainer_keeps_policy_and_optimizer_sharded_through_steps_and_resume(tmp_path):
+    extra = ["tlt.enable=True", "tlt.replicas=2"]  # the adaptive engine's replicas share the training devices
     overrides = TINY_RL + ["rl.kl_coef=0.05", "train.plots=False", "train.tensorboard=False", "mesh.fsdp=4",
                            "mesh.tensor=2"] + extra
     wd = str(tmp_path / "run")
@@ -90,8 +89,7 @@ def test_trainer_keeps_policy_and_optimizer_sharded_through_steps_and_resume(tmp
     q = [s for p, s in jax.tree_util.tree_leaves_with_path(trainer.param_shards)
          if "q_proj" in jax.tree_util.keystr(p)][0]
     assert q.spec == P("fsdp", "tensor")  # FSDP over 4 devices, heads over 2
-    if tlt:  # the rollout replicas are sub-meshes of the training devices
-        assert sorted(d.id for r in trainer.engine.replicas for d in r.devices) == [d.id for d in trainer.devices]
+    assert sorted(d.id for r in trainer.engine.replicas for d in r.devices) == [d.id for d in trainer.devices]
     before = shd.to_host(jax.tree.leaves(trainer.params)[0])
     history = trainer.run(progress=False)
     assert [h["step"] for h in history] == [1, 2]

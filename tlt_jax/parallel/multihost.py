@@ -179,6 +179,7 @@ def join_from_arguments(args, log=print) -> bool:
             return False
         initialize(coordinator, n, pid, local_devices=int(local) if local else None, timeout_s=args.dist_timeout)
     elif args.distributed:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # (CPU hosts; accelerators ignore it)
         jax.distributed.initialize(initialization_timeout=args.dist_timeout,
                                    heartbeat_timeout_seconds=args.dist_timeout)
     else:
