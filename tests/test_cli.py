@@ -12,9 +12,14 @@ from tlt_jax.cli.train import main as train_main
 @pytest.mark.slow
 def test_main_job_trains_the_embedded_model(tmp_path, capsys):
     wd = tmp_path / "run"
+    # The smallest main job: one prompt x 2 answers over the 2 replicas is one row each, so one bucket, and the one
+    # arm (chain-2 with the learned drafter, no plain arm) speculates from the first chunk: 2 compiled rollout
+    # programs of the 30-layer model where the config's arms at batch 4 compile 12 (most of this test's time).
     rc = train_main(["--config", "configs/smollm2_135m.py", "--workdir", str(wd), "--no-progress",
-                     "--config.rl.steps=1", "--config.rl.prompts_per_step=2", "--config.rl.group_size=2",
-                     "--config.rl.max_new_tokens=16", "--config.rl.minibatches=1", "--config.train.plots=False"])
+                     "--config.rl.steps=1", "--config.rl.prompts_per_step=1", "--config.rl.group_size=2",
+                     "--config.rl.max_new_tokens=16", "--config.rl.minibatches=1", "--config.train.plots=False",
+                     "--config.train.tensorboard=False", "--config.tlt.arms=('chain-2',)",
+                     "--config.tlt.plain_arm=False"])
     assert rc == 0
     out = capsys.readouterr().out
     assert "TLT: speculative rollouts" in out and "done: 1 steps" in out

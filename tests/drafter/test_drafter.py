@@ -1,5 +1,6 @@
 """The EAGLE drafter: shared embedding/head, training signal, checkpoints tied to their target, warm-up CLI."""
 
+import os
 import subprocess
 import sys
 
@@ -80,7 +81,11 @@ def test_warmup_command_end_to_end(tmp_path):
            "--config.drafter.warmup.max_new_tokens=12", "--config.drafter.warmup.gen_batch=4",
            "--config.drafter.warmup.steps=3", "--config.drafter.warmup.batch_size=2",
            "--config.drafter.warmup.seq_len=128", "--config.drafter.draft_vocab=512"]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    # a persistent XLA compilation cache shared by the two runs: the rerun loads the programs the first run compiled
+    # (the same executables) instead of compiling the 30-layer model's programs again
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla_cache"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "acceptance length" in p.stdout and "saved drafter" in p.stdout
     from tlt_jax.models.weights import load_checkpoint
@@ -90,5 +95,5 @@ def test_warmup_command_end_to_end(tmp_path):
     assert drafter.draft_vocab_size == 512
     assert meta["extra"]["accept_len_chain4_greedy"] >= 1.0
     # a rerun reuses the generated data
-    p2 = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    p2 = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert p2.returncode == 0 and "reusing 4 answers" in p2.stdout

@@ -2,6 +2,7 @@
 checkpoint killed while being written leaves the previous one usable; a failing write is a clear error."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +16,16 @@ from tests.rl.test_trainer import tiny_rl_args
 from tlt_jax import checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-STEPS = ["rl.steps=4", "train.checkpoint_every=1", "train.keep_checkpoints=5", "train.plots=False"]
+# One prompt (x 4 answers) per step: 2 rows per replica, so buckets [2, 1] and 8 compiled rollout programs, not 12.
+STEPS = ["rl.steps=4", "rl.prompts_per_step=1", "train.checkpoint_every=1", "train.keep_checkpoints=5",
+         "train.plots=False", "train.tensorboard=False"]
+
+
+@pytest.fixture(scope="module")
+def xla_cache(tmp_path_factory):
+    """A persistent XLA compilation cache for this module's runs. They all compile the same programs (compiling is
+    most of a run's time); every run after the first loads the executables the first one compiled."""
+    return str(tmp_path_factory.mktemp("xla_cache"))
 
 
 def _cmd(workdir, *extra):
@@ -23,14 +33,21 @@ def _cmd(workdir, *extra):
                                                                                 "--no-progress"] + list(extra)
 
 
-def _env(**kw):
+def _env(xla_cache=None, **kw):
     env = dict(os.environ, PYTHONPATH=REPO, HF_HUB_OFFLINE="1")
+    # 2 CPU devices (what mesh.cpu_devices=2 gives the CPU configs), not the 8 of tests/conftest.py: the policy and
+    # its optimizer state are still sharded (and saved shard by shard), each rollout replica has a device of its
+    # own, and a step costs far less on a small host
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
+    env["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=2").strip()
+    if xla_cache:
+        env.update(JAX_COMPILATION_CACHE_DIR=xla_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     env.update(kw)
     return env
 
 
-def _run(workdir, *extra, **env):
-    p = subprocess.run(_cmd(workdir, *extra), cwd=REPO, env=_env(**env), capture_output=True, text=True,
+def _run(workdir, *extra, xla_cache=None, **env):
+    p = subprocess.run(_cmd(workdir, *extra), cwd=REPO, env=_env(xla_cache, **env), capture_output=True, text=True,
                        timeout=600)
     return p
 
@@ -50,13 +67,13 @@ def _state(workdir, step):
 
 
 @pytest.mark.resume
-def test_sigkill_then_resume_ends_with_the_uninterrupted_parameters(tmp_path):
+def test_sigkill_then_resume_ends_with_the_uninterrupted_parameters(tmp_path, xla_cache):
     full = str(tmp_path / "full")
-    p = _run(full)
+    p = _run(full, xla_cache=xla_cache)
     assert p.returncode == 0, p.stderr[-3000:]
 
     killed = str(tmp_path / "killed")
-    proc = subprocess.Popen(_cmd(killed), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(_cmd(killed), cwd=REPO, env=_env(xla_cache), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     target = os.path.join(killed, "checkpoints", "2")
@@ -68,7 +85,7 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_parameters(tmp_path):
     done = checkpoint.latest_step(os.path.join(killed, "checkpoints"))
     assert done is not None and done < 4
 
-    p = _run(killed, "--resume")
+    p = _run(killed, "--resume", xla_cache=xla_cache)
     assert p.returncode == 0, p.stderr[-3000:]
     assert f"RL step {done}" in p.stdout
     meta_a, a = _state(full, 4)
@@ -82,15 +99,15 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_parameters(tmp_path):
 
 
 @pytest.mark.resume
-def test_a_checkpoint_killed_while_written_leaves_the_previous_one_usable(tmp_path):
+def test_a_checkpoint_killed_while_written_leaves_the_previous_one_usable(tmp_path, xla_cache):
     wd = str(tmp_path / "w")
-    p = _run(wd, TLT_KILL_DURING_SAVE="2")
+    p = _run(wd, xla_cache=xla_cache, TLT_KILL_DURING_SAVE="2")
     assert p.returncode == -signal.SIGKILL, p.stderr[-3000:]
     ckpts = os.path.join(wd, "checkpoints")
     leftovers = [n for n in os.listdir(ckpts) if n not in ("1",)]
     assert leftovers, "the killed write left no trace: nothing was interrupted"
     assert checkpoint.latest_step(ckpts) == 1
-    p = _run(wd, "--resume")
+    p = _run(wd, "--resume", xla_cache=xla_cache)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "RL step 1" in p.stdout and checkpoint.latest_step(ckpts) == 4
 

@@ -25,7 +25,10 @@ def tiny_rl_args(*extra):
 
 def test_a_short_run_logs_checkpoints_and_plots(tmp_path, capsys):
     wd = str(tmp_path / "run")
-    assert train_cli.main(tiny_rl_args("rl.steps=3") + ["--workdir", wd, "--no-progress"]) == 0
+    # 2 answers per prompt: 2 rows per replica, so buckets [2, 1]; without the plain arm the n-gram proposer drafts
+    # every chunk: 4 compiled rollout programs where 4 rows per replica and two arms compile 12
+    small = ["rl.group_size=2", "tlt.plain_arm=False"]
+    assert train_cli.main(tiny_rl_args("rl.steps=3", *small) + ["--workdir", wd, "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "n-gram proposer" in out and "done: 3 steps" in out
     rows = [json.loads(x) for x in open(os.path.join(wd, "metrics.jsonl"))]
@@ -40,10 +43,10 @@ def test_a_short_run_logs_checkpoints_and_plots(tmp_path, capsys):
     assert sorted(os.listdir(os.path.join(wd, "plots"))) == ["lengths.png", "reward.png", "time_split.png"]
     assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["2", "3"]
     # the same work dir again without --resume: refused, nothing overwritten
-    assert train_cli.main(tiny_rl_args("rl.steps=3") + ["--workdir", wd]) == 2
+    assert train_cli.main(tiny_rl_args("rl.steps=3", *small) + ["--workdir", wd]) == 2
     assert "already holds a run" in capsys.readouterr().err
     # --resume of a finished run has nothing to do; more steps continue it
-    assert train_cli.main(tiny_rl_args("rl.steps=4") + ["--workdir", wd, "--resume", "--no-progress"]) == 0
+    assert train_cli.main(tiny_rl_args("rl.steps=4", *small) + ["--workdir", wd, "--resume", "--no-progress"]) == 0
     assert "resumed from" in capsys.readouterr().out
     assert [json.loads(x)["step"] for x in open(os.path.join(wd, "metrics.jsonl"))] == [1, 2, 3, 4]
 

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from tests.helpers import tiny_model
 from tlt_jax.errors import InputError
@@ -40,10 +41,20 @@ def test_greedy_matches_step_by_step_full_forward():
     cfg, model = tiny_model()
     p = prompts(1, seed=2)[0]
     res = generate(model, [p], RolloutSpec(max_new_tokens=12))
+    graphdef, params = nnx.split(model)
+    width = len(p) + len(res.tokens[0])
+
+    # One compiled forward for every step, where eager calls on prefixes of 12 lengths compiled every op 12 times:
+    # each prefix is right-padded to one width, and the causal mask alone hides the padding from its last token.
+    @jax.jit
+    def last_logits(params, tokens, valid):
+        return prefill(nnx.merge(graphdef, params), tokens, valid, init_cache(cfg, 1, 64))[0][0, 0]
+
     seq = list(p)
     for t in res.tokens[0]:
-        logits, _, _ = prefill(model, jnp.asarray([seq]), jnp.ones((1, len(seq)), bool), init_cache(cfg, 1, 64))
-        assert int(jnp.argmax(logits[0, 0])) == t
+        tokens, valid = np.zeros((1, width), np.int32), np.zeros((1, width), bool)
+        tokens[0, :len(seq)], valid[0, :len(seq)] = seq, True
+        assert int(jnp.argmax(last_logits(params, tokens, valid))) == t
         seq.append(t)
 
 

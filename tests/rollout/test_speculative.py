@@ -122,7 +122,7 @@ def _prompts(vocab, sizes, seed=0):
 
 @pytest.mark.lossless
 def test_greedy_speculative_equals_plain_float64():
-    """Float64: greedy speculation (chain and trees, warmed and bad drafter, n-gram) == plain greedy decoding,
+    """Float64: greedy speculation (a chain and a tree, warmed and bad drafter, n-gram) == plain greedy decoding,
     including rows that stop on a stop token or their own length limit inside an accepted run."""
     with jax.enable_x64(True):
         model = _tiny("float64", seed=1)
@@ -140,7 +140,8 @@ def test_greedy_speculative_equals_plain_float64():
         for spec, lim in specs:
             ref = generate(model, prompts, spec, max_new=lim)
             for name, drafter, prop in [("warm", warm, "eagle"), ("bad", bad, "eagle"), ("ngram", None, "ngram")]:
-                strategies = ["chain-4"] if prop == "ngram" else ["chain-4", "4_3_10", "3_2_6"]
+                # a chain and a tree for each drafter (each strategy is its own compiled program: the bulk of the time)
+                strategies = ["chain-4"] if prop == "ngram" else ["chain-4", "4_3_10"]
                 for strat in strategies:
                     sspec = SpeculativeSpec(SpecStrategy.parse(strat), proposer=prop)
                     out = generate_speculative(model, prompts, spec, sspec, drafter, max_new=lim)
