@@ -238,8 +238,11 @@ def start_speculative(params, dparams, prompt_tokens, prompt_valid, max_new, rng
     logprobs = jnp.zeros((b, nmax), jnp.float32).at[:, 0].set(lp.astype(jnp.float32))
     num = jnp.ones((b,), jnp.int32)
     stop = is_stop_token(tok, spec)
+    # int32 (not weakly typed from the Python constants): the chunk's output state must match its input state's
+    # types exactly, or every program would compile a second time for the state it returns
     reason = jnp.where(stop, FINISH_STOP, jnp.where(num >= max_new, FINISH_LENGTH,
                                                      jnp.where(n >= cache_len, FINISH_CACHE, FINISH_RUNNING)))
+    reason = reason.astype(jnp.int32)
     zeros = jnp.zeros((b,), jnp.int32)
     return SpecState(cache=cache, dcache=dcache, draft_hidden=draft_hidden, history=history, next_token=tok,
                      tokens=tokens, logprobs=logprobs, num_tokens=num, done=reason != FINISH_RUNNING,
