@@ -220,6 +220,7 @@ class Trainer:
                                         ngram_min=int(sp.ngram_min))
                 drafter = Drafter(self.model_cfg, nnx.Rngs(int(self.config.seed) + 17))
                 self._fresh_drafter = True
+                self.log("[tlt] TLT: speculative rollouts, the n-gram proposer until the drafter is warm")
                 return sspec, drafter
             strategy = SpecStrategy.parse(self.config.speculative.strategy)
             if not strategy.is_chain:
