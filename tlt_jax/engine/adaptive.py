@@ -81,7 +81,8 @@ class EngineConfig:
         t = config.tlt
         sp = config.speculative
         return EngineConfig(replicas=int(t.replicas), replica_tensor=int(t.replica_tensor),
-                            sd_threshold=int(t.sd_threshold), arms=tuple(t.arms), ngram_arms=tuple(t.ngram_arms), plain_arm=bool(t.plain_arm), epsilon=float(t.epsilon),
+                            sd_threshold=int(t.sd_threshold), arms=tuple(t.arms), ngram_arms=tuple(t.ngram_arms),
+                            plain_arm=bool(t.plain_arm), epsilon=float(t.epsilon),
                             window=int(t.window), compact=bool(t.compact), max_programs=int(t.max_programs),
                             ngram_max=int(sp.ngram_max), ngram_min=int(sp.ngram_min), seed=int(config.seed))
 

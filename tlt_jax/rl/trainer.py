@@ -264,7 +264,8 @@ class Trainer:
             -(-int(c.rollout.max_prompt_len) // 8) * 8, int(c.rl.max_new_tokens))
         dgraphdef = nnx.split(self.drafter)[0] if self.drafter is not None else None
         self.engine = AdaptiveEngine(self.graphdef, self.spec, ecfg, batch_size=rows, cache_len=cache_len,
-                                     dgraphdef=dgraphdef, pool=pool, devices=self.devices, prompt_multiple=int(c.rl.prompt_multiple))
+                                     dgraphdef=dgraphdef, pool=pool, devices=self.devices,
+                                     prompt_multiple=int(c.rl.prompt_multiple))
         if self.drafter is not None and t.spot_training:
             self.buffer = DrafterBuffer(int(t.buffer_capacity), int(t.buffer_window), int(t.buffer_lag))
             tg, dparams, drest = split_drafter(self.drafter)
