@@ -13,7 +13,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,8 @@ import threading
 import time
 from pathlib import Path
 from typing import List, Optional
+
+from tlt_jax.cli.launch import free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULT_PREFIX = "RESULT "
@@ -62,13 +63,6 @@ class ProcessesFailed(AssertionError):
     def __init__(self, message: str, outcomes: List[Outcome]):
         super().__init__(message)
         self.outcomes = outcomes
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def child_env(local_devices: int) -> dict:

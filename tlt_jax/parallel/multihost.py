@@ -160,7 +160,7 @@ def join_from_arguments(args, log=print) -> bool:
     local = args.local_devices if args.local_devices is not None else os.environ.get(ENV_LOCAL_DEVICES)
     if local and int(local) < 1:
         raise ConfigError(f"--local-devices must be >= 1, got {local}")
-    if local and not coordinator:
+    if local:  # before anything starts the backend, whether this process joins others or not
         jax.config.update("jax_num_cpu_devices", int(local))
     if coordinator:
         def need(value, env, flag):
@@ -174,10 +174,8 @@ def join_from_arguments(args, log=print) -> bool:
         if n < 1 or not 0 <= pid < n:
             raise ConfigError(f"process id {pid} is not in [0, {n})")
         if n == 1:
-            if local:
-                jax.config.update("jax_num_cpu_devices", int(local))
             return False
-        initialize(coordinator, n, pid, local_devices=int(local) if local else None, timeout_s=args.dist_timeout)
+        initialize(coordinator, n, pid, timeout_s=args.dist_timeout)
     elif args.distributed:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # (CPU hosts; accelerators ignore it)
         jax.distributed.initialize(initialization_timeout=args.dist_timeout,
