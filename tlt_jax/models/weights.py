@@ -20,7 +20,7 @@ from flax import nnx
 
 from tlt_jax.errors import CheckpointError, UnsupportedModelError
 from tlt_jax.models.config import ModelConfig, model_config_from_hf
-from tlt_jax.models.decoder import Decoder
+from tlt_jax.models.decoder import Block, Decoder
 
 _ST_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -145,7 +145,15 @@ def read_hf_config(path: str) -> dict:
 
 
 def abstract_model(cfg: ModelConfig) -> Decoder:
-    return nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
+    """The Decoder of ``cfg`` with shape-only parameters (no memory allocated).
+
+    Built one layer per trace: tracing the whole model at once costs time quadratic in its depth (each
+    variable write inspects the trace so far), 27 s for an 80-layer model on 8 devices against 1 s this way.
+    """
+    model = nnx.eval_shape(lambda: Decoder(cfg.replace(num_layers=1), rngs=nnx.Rngs(0)))  # a shell
+    model.cfg = cfg
+    model.layers = nnx.List([nnx.eval_shape(lambda: Block(cfg, nnx.Rngs(0))) for _ in range(cfg.num_layers)])
+    return model
 
 
 def build_model(cfg: ModelConfig, fetch: Callable[[str, Tuple[int, ...]], np.ndarray],
