@@ -3,8 +3,10 @@
     python -m tlt_jax.bench.decode [--json PATH] [--batches 1,8,32] [--new-tokens 128]
 
 SmolLM2-135M-Instruct (embedded GGUF, float32), chat prompts, greedy, exactly ``--new-tokens`` new tokens
-per row (EOS ignored on both sides), both after a warm-up call. ``same_answer`` is the share of rows whose
-greedy answer (up to its EOS) is the same on both sides. Needs the test extra (torch, accelerate).
+per row (EOS ignored on both sides), both after a warm-up call. Each side runs ``--repeats`` times, the two
+sides alternating, and the median times are compared (a shared host's speed drifts; alternating exposes both
+sides to the same drift). ``same_answer`` is the share of rows whose greedy answer (up to its EOS) is the
+same on both sides. Needs the test extra (torch, accelerate).
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own default)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per side (alternating); medians compared")
     args = ap.parse_args(argv)
+    if args.repeats < 1:
+        ap.error(f"--repeats must be >= 1, got {args.repeats}")
 
     import numpy as np
     import torch
@@ -59,12 +64,14 @@ def main(argv=None) -> int:
         print(f"batch {b}: warm-up", flush=True)
         generate(model, prompts, spec)  # compiles
         run_hf(4)
-        t0 = time.perf_counter()
-        ours = generate(model, prompts, spec)
-        t_ours = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        out = run_hf(n)
-        t_hf = time.perf_counter() - t0
+        t_ours, t_hf = [], []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            ours = generate(model, prompts, spec)
+            t_ours.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            out = run_hf(n)
+            t_hf.append(time.perf_counter() - t0)
         assert out.shape[1] - width == n and all(len(t) == n for t in ours.tokens)
         hf_tokens = out[:, width:].numpy()
         # generate's min_new_tokens forbids EOS, so compare each row's answer up to our first EOS.
@@ -75,8 +82,10 @@ def main(argv=None) -> int:
             cut = mine.index(eos) if eos in mine else n
             same.append(mine[:cut] == hf_tokens[i, :cut].tolist())
         agree = float(np.mean(same))
-        row = {"batch": b, "tlt_tok_s": b * n / t_ours, "hf_tok_s": b * n / t_hf,
-               "ratio": t_hf / t_ours, "tlt_s": t_ours, "hf_s": t_hf, "tlt_prefill_s": ours.prefill_s,
+        m_ours, m_hf = float(np.median(t_ours)), float(np.median(t_hf))
+        row = {"batch": b, "tlt_tok_s": b * n / m_ours, "hf_tok_s": b * n / m_hf,
+               "ratio": m_hf / m_ours, "tlt_s": m_ours, "hf_s": m_hf, "tlt_runs_s": t_ours, "hf_runs_s": t_hf,
+               "tlt_prefill_s": ours.prefill_s,
                "prompt_width": width, "same_answer": agree}
         rows.append(row)
         print(f"batch {b}: tlt {row['tlt_tok_s']:.1f} tok/s, transformers {row['hf_tok_s']:.1f} tok/s, "
