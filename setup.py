@@ -28,7 +28,7 @@ setup(
         "tensorboardX>=2.6",
     ],
     extras_require={
-        "test": ["pytest>=8", "torch==2.13.0", "accelerate>=1.0"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "accelerate>=1.0"],
     },
     entry_points={
         "console_scripts": [
