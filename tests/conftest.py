@@ -15,8 +15,9 @@ _HEAVY_MARKERS = ("slow", "multihost", "resume", "lossless")
 
 
 def pytest_collection_modifyitems(config, items):
-    """Modules with heavy tests (markers slow / multihost / resume / lossless) run first, the rest keep their order: with
-    ``-n 2 --dist loadscope`` (the README's command) the long modules then start early instead of forming the tail."""
+    """Modules with heavy tests (markers slow / multihost / resume / lossless) run first, the rest keep their
+    order: with ``-n 2 --dist loadscope`` (the README's command) the long modules then start early instead of
+    forming the tail."""
     heavy = {item.module.__name__ for item in items
              if item.module is not None and any(item.get_closest_marker(m) for m in _HEAVY_MARKERS)}
     items.sort(key=lambda item: item.module is None or item.module.__name__ not in heavy)

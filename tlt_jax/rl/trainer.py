@@ -209,11 +209,12 @@ class Trainer:
         try:
             sspec, drafter = speculation_from_config(self.config, model)
         except CheckpointError as e:
+            reason = str(e).split(". ")[0]  # the first sentence: what is missing where
             t = self.config.tlt
             if t.adaptive and t.spot_training:
                 from tlt_jax.models.drafter import Drafter
 
-                self.log(f"[tlt] no warmed drafter ({str(e).split('. ')[0]}); a fresh one trains on idle replicas "
+                self.log(f"[tlt] no warmed drafter ({reason}); a fresh one trains on idle replicas "
                          f"and the n-gram proposer drafts until it has had {int(t.warm_after)} updates")
                 sp = self.config.speculative
                 sspec = SpeculativeSpec(SpecStrategy.parse(sp.strategy), ngram_max=int(sp.ngram_max),
@@ -228,7 +229,7 @@ class Trainer:
             sp = self.config.speculative
             sspec, drafter = SpeculativeSpec(strategy, proposer="ngram", ngram_max=int(sp.ngram_max),
                                              ngram_min=int(sp.ngram_min)), None
-            self.log(f"[tlt] no warmed drafter ({str(e).split('. ')[0]}); the n-gram proposer drafts")
+            self.log(f"[tlt] no warmed drafter ({reason}); the n-gram proposer drafts")
         self.log(f"[tlt] TLT: speculative rollouts, {sspec.strategy.name} with the {sspec.proposer} proposer")
         return sspec, drafter
 
