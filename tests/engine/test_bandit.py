@@ -98,3 +98,45 @@ def test_program_pool_is_bounded_and_counts():
     assert built == ["a", "b", "c", "b"]  # 'a' was a hit; 'b' was evicted by 'c' (least recently used)
     st = pool.stats()
     assert (st["programs"], st["compiles"], st["evictions"], st["hits"]) == (2, 4, 2, 1)
+    # derive() (a relocated copy) is tried before build() and counted apart; None from it means compile
+    assert pool.get("d", lambda: "built", derive=lambda: "derived") == "derived"
+    assert pool.get("e", lambda: "built", derive=lambda: None) == "built"
+    st = pool.stats()
+    assert (st["compiles"], st["relocations"]) == (5, 1) and pool.peek("e") == "built" and pool.peek("a") is None
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (2, 2)])
+def test_relocated_program_runs_on_the_other_devices(shape):
+    """A compiled program relocated to another sub-mesh: same results, on those devices, without a compile; the
+    copy refuses arrays that live on the original devices."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    from tlt_jax.engine.pool import relocate
+
+    n = shape[0] * shape[1]
+    src = Mesh(np.asarray(jax.devices()[:n]).reshape(shape), ("data", "tensor"))
+    dst = Mesh(np.asarray(jax.devices()[n:2 * n]).reshape(shape), ("data", "tensor"))
+
+    def f(x, w):
+        for _ in range(3):
+            x = jnp.tanh(x @ w)
+        return x.sum(-1)
+
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((8, 16), np.float32), rng.standard_normal((16, 16), np.float32)
+
+    def put(mesh):
+        return (jax.device_put(x, NamedSharding(mesh, P("data"))),
+                jax.device_put(w, NamedSharding(mesh, P(None, "tensor"))))
+
+    compiled = jax.jit(f).lower(*put(src)).compile()
+    moved = relocate(compiled, list(src.devices.flat), list(dst.devices.flat))
+    assert moved is not None
+    out = moved(*put(dst))
+    assert out.sharding.device_set == set(dst.devices.flat)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(compiled(*put(src))))
+    with pytest.raises(ValueError, match="shardings"):
+        moved(*put(src))
+    assert relocate(compiled, list(src.devices.flat), list(dst.devices.flat)[:1] * (n + 1)) is None  # count differs

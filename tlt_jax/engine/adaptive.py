@@ -33,7 +33,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from tlt_jax.engine.bandit import BucketBandit
-from tlt_jax.engine.pool import ProgramPool
+from tlt_jax.engine.pool import ProgramPool, relocate
 from tlt_jax.errors import ConfigError, InputError
 from tlt_jax.rollout.decode import FINISH_NAMES, RolloutResult, RolloutSpec, pad_prompts
 from tlt_jax.rollout.speculative import (SpecState, SpeculativeSpec, accept_length, speculative_chunk,
@@ -194,6 +194,7 @@ class AdaptiveEngine:
         self.top_bucket = next_pow2(self.rows_per_replica)
         self.buckets = [self.top_bucket >> i for i in range(self.top_bucket.bit_length())]
         self.pool = pool if pool is not None else ProgramPool(ecfg.max_programs)
+        self.start_pool = ProgramPool(8)  # prefill programs, one per prompt width (kept apart from the chunks)
         self._gather = gather
         self.bandits: Dict[str, BucketBandit] = {}
         for phase, arms in (("eagle", ecfg.arms), ("ngram", ecfg.ngram_arms)):
@@ -219,17 +220,29 @@ class AdaptiveEngine:
         shard = _shardings(st, replica.mesh, bucket)
         return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), st, shard)
 
+    def _pooled(self, pool: ProgramPool, replica: Replica, what: Tuple, build):
+        """``pool``'s program ``what`` for the replica's devices: a pool hit, else another local replica's copy
+        of it relocated to these devices, else ``build()``."""
+        def key(r: Replica):
+            return (tuple(d.id for d in r.mesh.devices.flat), tuple(r.mesh.shape.items())) + what
+
+        def derive():
+            for other in self.replicas:
+                src = pool.peek(key(other)) if other.local and other is not replica else None
+                if src is not None and other.mesh.devices.shape == replica.mesh.devices.shape:
+                    return relocate(src, list(other.mesh.devices.flat), list(replica.mesh.devices.flat))
+            return None
+        return pool.get(key(replica), build, derive)
+
     def program(self, replica: Replica, bucket: int, arm: str, params, dparams):
         """The compiled chunk for (bucket, arm) on the replica's devices (from the pool)."""
-        key = (tuple(d.id for d in replica.devices), bucket, arm, self.dgraphdef is not None, self.spec,
-               self.cache_len, self.graphdef, self.dgraphdef)
-
         def build():
             sspec = SpeculativeSpec.from_arm(arm, self.ecfg.ngram_max, self.ecfg.ngram_min)
             st = self._abstract_state(bucket, replica, params, dparams)
             return speculative_chunk.lower(params, dparams, st, graphdef=self.graphdef, dgraphdef=self.dgraphdef,
                                            spec=self.spec, sspec=sspec).compile()
-        return self.pool.get(key, build)
+        return self._pooled(self.pool, replica, (bucket, arm, self.dgraphdef is not None, self.spec, self.cache_len,
+                                                 self.graphdef, self.dgraphdef), build)
 
     def arms_for(self, bucket: int, phase: str) -> List[str]:
         return self.bandits[phase].arms[bucket]
@@ -335,9 +348,12 @@ class AdaptiveEngine:
             shard = NamedSharding(r.mesh, P("data") if self.top_bucket % r.data_size == 0 else P())
             args = [jax.device_put(x, shard) for x in (toks, valid, lim)]
             key = jax.device_put(jax.random.fold_in(jax.random.PRNGKey(seed), r.index), NamedSharding(r.mesh, P()))
-            run.state = start_speculative(p, dp, *args, key, graphdef=self.graphdef, dgraphdef=self.dgraphdef,
-                                          spec=spec, sspec=SpeculativeSpec(proposer="none"),
-                                          cache_len=self.cache_len)
+            start = self._pooled(
+                self.start_pool, r, (toks.shape, spec, self.cache_len, self.graphdef, self.dgraphdef),
+                lambda: start_speculative.lower(p, dp, *args, key, graphdef=self.graphdef, dgraphdef=self.dgraphdef,
+                                                spec=spec, sspec=SpeculativeSpec(proposer="none"),
+                                                cache_len=self.cache_len).compile())
+            run.state = start(p, dp, *args, key)
             run.state = jax.device_put(run.state, _shardings(run.state, r.mesh, self.top_bucket))
         counters = np.zeros((len(runs), 3), np.float64)  # live rows, tokens committed by the chunk, seconds
         for run in runs:

@@ -4,13 +4,23 @@ Every shape a strategy or a batch bucket fixes is static, so each (bucket, arm) 
 The pool compiles them ahead of time (``jit(...).lower(abstract args).compile()``), keeps at most
 ``max_programs`` (least recently used evicted) and counts compiles and compile seconds, so a run can report
 how much it paid for its programs.
+
+Replicas on different devices run the same program: the first replica's executable is compiled, the others
+get a copy relocated to their devices (``relocate``: the serialized executable loaded with another device
+assignment, milliseconds instead of a compile). Where relocation is not possible the program is compiled.
 """
 
 from __future__ import annotations
 
 import collections
+import io
+import logging
+import pickle
 import time
-from typing import Any, Callable, Dict, Hashable
+from typing import Any, Callable, Dict, Hashable, Optional, Sequence
+
+import jax
+import numpy as np
 
 from tlt_jax.errors import ConfigError
 
@@ -25,6 +35,8 @@ class ProgramPool:
         self.compile_s = 0.0
         self.evictions = 0
         self.hits = 0
+        self.relocations = 0
+        self.relocate_s = 0.0
 
     def __len__(self) -> int:
         return len(self._programs)
@@ -32,16 +44,27 @@ class ProgramPool:
     def __contains__(self, key: Hashable) -> bool:
         return key in self._programs
 
-    def get(self, key: Hashable, build: Callable[[], Any]) -> Any:
-        """The compiled program for ``key``, built (and timed) by ``build()`` on a miss."""
+    def peek(self, key: Hashable) -> Any:
+        """The program for ``key`` if the pool holds it (no hit counted, no recency change), else None."""
+        return self._programs.get(key)
+
+    def get(self, key: Hashable, build: Callable[[], Any], derive: Optional[Callable[[], Any]] = None) -> Any:
+        """The compiled program for ``key``. On a miss, ``derive()`` (e.g. another replica's program relocated;
+        None when it cannot) is tried first, then ``build()``; both are timed and counted apart."""
         if key in self._programs:
             self._programs.move_to_end(key)
             self.hits += 1
             return self._programs[key]
         t0 = time.perf_counter()
-        prog = build()
-        self.compile_s += time.perf_counter() - t0
-        self.compiles += 1
+        prog = derive() if derive is not None else None
+        if prog is not None:
+            self.relocate_s += time.perf_counter() - t0
+            self.relocations += 1
+        else:
+            t0 = time.perf_counter()
+            prog = build()
+            self.compile_s += time.perf_counter() - t0
+            self.compiles += 1
         self._programs[key] = prog
         while len(self._programs) > self.max_programs:
             self._programs.popitem(last=False)
@@ -50,4 +73,51 @@ class ProgramPool:
 
     def stats(self) -> Dict[str, float]:
         return {"programs": len(self._programs), "compiles": self.compiles, "compile_s": self.compile_s,
-                "evictions": self.evictions, "hits": self.hits}
+                "relocations": self.relocations, "relocate_s": self.relocate_s, "evictions": self.evictions,
+                "hits": self.hits}
+
+
+class _Relocating(pickle.Unpickler):
+    """Loads a serialized ``jax.stages.Compiled`` with device ``src[i]`` replaced by ``dst[i]``."""
+
+    def __init__(self, data: bytes, src: Sequence[jax.Device], dst: Sequence[jax.Device], options):
+        super().__init__(io.BytesIO(data))
+        from jax._src.lib import xla_client
+
+        self._map = {s.id: d for s, d in zip(src, dst)}
+        self._client = dst[0].client
+        self._devices = xla_client.DeviceList(tuple(dst))
+        self._options = options
+
+    def persistent_load(self, pid):
+        kind = pid[0]
+        if kind == "exec":
+            return self._client.deserialize_executable(pid[1], self._devices, self._options)
+        if kind == "device":
+            return self._map[pid[1]]
+        if kind == "client":
+            return self._client
+        raise pickle.UnpicklingError(f"unexpected persistent id {kind!r}")
+
+
+def relocate(compiled, src: Sequence[jax.Device], dst: Sequence[jax.Device]):
+    """``compiled`` (a ``jax.stages.Compiled`` whose device assignment is ``src``, in the mesh's flat order) as
+    an executable on ``dst`` (same count, same platform), without compiling; None when that fails (an
+    executable that cannot be serialized, a JAX whose internals differ): the caller then compiles."""
+    src, dst = list(src), list(dst)
+    if len(src) != len(dst) or not dst or src[0].platform != dst[0].platform:
+        return None
+    try:
+        from jax._src import compiler
+        from jax.experimental import serialize_executable
+
+        data, in_tree, out_tree = serialize_executable.serialize(compiled)
+        options = compiler.get_compile_options(num_replicas=1, num_partitions=len(dst),
+                                               device_assignment=np.asarray([d.id for d in dst]).reshape(1, -1),
+                                               backend=dst[0].client)
+        unloaded, args_info, no_kwargs = _Relocating(data, src, dst, options).load()
+        return jax.stages.Compiled(unloaded.load(), [], in_tree.unflatten(args_info), out_tree, no_kwargs=no_kwargs)
+    except Exception as e:  # any failure falls back to compiling
+        logging.getLogger(__name__).info("relocating a compiled program failed (%s: %s); compiling instead",
+                                         type(e).__name__, e)
+        return None

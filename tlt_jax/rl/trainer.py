@@ -286,7 +286,9 @@ class Trainer:
         dstate = nnx.split(self.drafter)[1] if self.drafter is not None else None
         # the programs of the proposer that drafts now (a drafter that warms up later compiles its own on first use)
         stats = self.engine.precompile(self.params, dstate, phases=("eagle",) if self.drafter_warm else ("ngram",))
-        self.log(f"[tlt] program pool: {stats['programs']} programs compiled in {stats['compile_s']:.1f}s")
+        self.log(f"[tlt] program pool: {stats['programs']} programs ({stats['compiles']} compiled in "
+                 f"{stats['compile_s']:.1f}s, {stats['relocations']} relocated to other replicas in "
+                 f"{stats['relocate_s']:.1f}s)")
         return stats
 
     def _sync_drafter(self) -> None:
@@ -422,7 +424,9 @@ class Trainer:
         if self.engine is not None:
             es = self.last_engine_stats
             metrics.update(idle_device_s=es["idle_device_s"], spot_steps=es["spot_steps"],
-                           pool_programs=es["pool_programs"], pool_compile_s=es["pool_compile_s"],
+                           pool_programs=es["pool_programs"], pool_compiles=es["pool_compiles"],
+                           pool_compile_s=es["pool_compile_s"], pool_relocations=es["pool_relocations"],
+                           pool_relocate_s=es["pool_relocate_s"],
                            drafter_proposes=float(self.drafter_warm), chunks=es["chunks"])
             for k in ("drafter_loss", "drafter_top1", "drafter_total_steps"):
                 if k in es:
