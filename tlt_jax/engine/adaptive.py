@@ -349,7 +349,7 @@ class AdaptiveEngine:
             args = [jax.device_put(x, shard) for x in (toks, valid, lim)]
             key = jax.device_put(jax.random.fold_in(jax.random.PRNGKey(seed), r.index), NamedSharding(r.mesh, P()))
             start = self._pooled(
-                self.start_pool, r, (toks.shape, spec, self.cache_len, self.graphdef, self.dgraphdef),
+                self.start_pool, r, (toks.shape, dp is None, spec, self.cache_len, self.graphdef, self.dgraphdef),
                 lambda: start_speculative.lower(p, dp, *args, key, graphdef=self.graphdef, dgraphdef=self.dgraphdef,
                                                 spec=spec, sspec=SpeculativeSpec(proposer="none"),
                                                 cache_len=self.cache_len).compile())
