@@ -106,7 +106,7 @@ def test_program_pool_is_bounded_and_counts():
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (2, 2)])
-def test_relocated_program_runs_on_the_other_devices(shape):
+def test_relocated_program_runs_on_the_other_devices(shape, tmp_path):
     """A compiled program relocated to another sub-mesh: same results, on those devices, without a compile; the
     copy refuses arrays that live on the original devices."""
     import jax
@@ -140,3 +140,10 @@ def test_relocated_program_runs_on_the_other_devices(shape):
     with pytest.raises(ValueError, match="shardings"):
         moved(*put(src))
     assert relocate(compiled, list(src.devices.flat), list(dst.devices.flat)[:1] * (n + 1)) is None  # count differs
+    # not with the persistent compilation cache (its executables break when serialized again; the resume tests'
+    # runs share a cache and fail without this)
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path))
+    try:  # (nothing is compiled while it is set)
+        assert relocate(compiled, list(src.devices.flat), list(dst.devices.flat)) is None
+    finally:
+        jax.config.update("jax_compilation_cache_dir", None)

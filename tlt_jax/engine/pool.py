@@ -7,7 +7,8 @@ how much it paid for its programs.
 
 Replicas on different devices run the same program: the first replica's executable is compiled, the others
 get a copy relocated to their devices (``relocate``: the serialized executable loaded with another device
-assignment, milliseconds instead of a compile). Where relocation is not possible the program is compiled.
+assignment, milliseconds instead of a compile). Where relocation is not possible (or the persistent compilation
+cache is on, which then serves every replica from the second run on) the program is compiled.
 """
 
 from __future__ import annotations
@@ -106,6 +107,11 @@ def relocate(compiled, src: Sequence[jax.Device], dst: Sequence[jax.Device]):
     executable that cannot be serialized, a JAX whose internals differ): the caller then compiles."""
     src, dst = list(src), list(dst)
     if len(src) != len(dst) or not dst or src[0].platform != dst[0].platform:
+        return None
+    if jax.config.jax_compilation_cache_dir:
+        # An executable loaded from the persistent compilation cache does not survive a second serialization
+        # (on CPU it loads, then fails at run time with a missing function). With the cache on, each replica
+        # compiles once and later runs load every replica's program from the cache.
         return None
     try:
         from jax._src import compiler
