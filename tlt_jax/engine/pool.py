@@ -7,8 +7,9 @@ how much it paid for its programs.
 
 Replicas on different devices run the same program: the first replica's executable is compiled, the others
 get a copy relocated to their devices (``relocate``: the serialized executable loaded with another device
-assignment, milliseconds instead of a compile). Where relocation is not possible (or the persistent compilation
-cache is on, which then serves every replica from the second run on) the program is compiled.
+assignment; about a second for the 135M model's chunk, against 7-9 s to compile it). Where relocation is not
+possible (or the persistent compilation cache is on, which then serves every replica from the second run on)
+the program is compiled.
 """
 
 from __future__ import annotations
