@@ -76,7 +76,7 @@ def test_two_processes_train_like_one(tmp_path, stopping_model):
     for a, b in zip(rows1, rows2):
         for key in ("rollout_tokens", "reward_mean", "spot_steps", "chunks", "pg_loss", "grad_norm", "drafter_loss",
                     "drafter_top1"):
-            np.testing.assert_equal(a[key], b[key], err_msg=key)  # (NaN == NaN: no drafter step yet)
+            np.testing.assert_equal(a[key], b[key], err_msg=key)  # (null before the first drafter step)
     s1, policy1, drafter1 = _state(one)
     s2, policy2, drafter2 = _state(two)
     assert s1 == s2 == 2

@@ -12,11 +12,26 @@ from tlt_jax.cli import train as train_cli
 from tlt_jax.config import load_config
 from tlt_jax.errors import CheckpointError
 from tlt_jax.rl import grpo
-from tlt_jax.rl.trainer import Trainer
+from tlt_jax.rl.trainer import Trainer, json_line
 
 TINY_RL = ["model.arch.vocab_size=49152", "model.tokenizer=embedded:smollm2", "rollout.max_prompt_len=128",
            "rl.max_new_tokens=16", "rl.prompts_per_step=2", "rl.group_size=4", "rl.lr=1e-3",
            "rl.reward=tests.rl.reward_fns:char_reward"]
+
+
+def strict(line):
+    """json.loads that refuses NaN / Infinity (not JSON; strict parsers reject them)."""
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_json_line_is_strict_json():
+    line = json_line({"step": 1, "loss": float("nan"), "x": [1.5, float("inf")], "arms": {"a": -float("inf")}})
+    assert line.endswith("\n") and strict(line) == {"step": 1, "loss": None, "x": [1.5, None], "arms": {"a": None}}
+    with pytest.raises(ValueError):
+        strict('{"loss": NaN}')
 
 
 def tiny_rl_args(*extra):
@@ -31,13 +46,13 @@ def test_a_short_run_logs_checkpoints_and_plots(tmp_path, capsys):
     assert train_cli.main(tiny_rl_args("rl.steps=3", *small) + ["--workdir", wd, "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "n-gram proposer" in out and "done: 3 steps" in out
-    rows = [json.loads(x) for x in open(os.path.join(wd, "metrics.jsonl"))]
+    rows = [strict(x) for x in open(os.path.join(wd, "metrics.jsonl"))]
     assert [r["step"] for r in rows] == [1, 2, 3]
     for key in ("reward_mean", "accuracy", "len_p50", "len_p75", "len_p90", "len_max", "time_rollout",
                 "time_reward", "time_logprob", "time_update", "tokens_per_s", "accept_len", "entropy", "kl"):
         assert all(key in r for r in rows), key
     assert rows[0]["reward_std"] > 0  # the test reward gives GRPO a signal
-    samples = [json.loads(x) for x in open(os.path.join(wd, "samples.jsonl"))]
+    samples = [strict(x) for x in open(os.path.join(wd, "samples.jsonl"))]
     assert len(samples) == 3 * 2 and {"question", "gold", "answer", "reward"} <= set(samples[0])
     assert glob.glob(os.path.join(wd, "tb", "events.out.tfevents.*"))
     assert sorted(os.listdir(os.path.join(wd, "plots"))) == ["lengths.png", "reward.png", "time_split.png"]

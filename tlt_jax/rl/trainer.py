@@ -6,7 +6,9 @@ the policy, its optimizer state, the drafter (when there is one), the step and t
 
 Work dir layout::
 
-    metrics.jsonl        one JSON object per RL step (reward_mean, accuracy, lengths, time split, ...)
+    metrics.jsonl        one JSON object per RL step (reward_mean, accuracy, lengths, time split, ...);
+                         strict JSON: a value not measured yet (drafter_loss before the first drafter
+                         step) is null
     samples.jsonl        the first answer to each prompt of every step (question, gold, answer, reward)
     tb/                  TensorBoard events of the same metrics
     checkpoints/<step>/  orbax checkpoints (the newest ``train.keep_checkpoints``)
@@ -68,6 +70,20 @@ def load_reward_fn(name: str, format_weight: float) -> Callable:
         return getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as e:
         raise ConfigError(f"rl.reward {name!r}: cannot import {attr!r} from {module!r} ({e})") from None
+
+
+def json_line(record: Dict[str, Any]) -> str:
+    """One strict-JSON line: non-finite floats (NaN: not measured yet; inf) become null."""
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps(clean(record), allow_nan=False) + "\n"
 
 
 def percentiles(lengths: Sequence[int]) -> Dict[str, float]:
@@ -541,9 +557,9 @@ class Trainer:
                 metrics = self.train_step()
                 if self.is_main:
                     with open(self.metrics_path, "a") as f:
-                        f.write(json.dumps(metrics) + "\n")
+                        f.write(json_line(metrics))
                     with open(self.samples_path, "a") as f:
-                        f.writelines(json.dumps(x) + "\n" for x in self.last_samples)
+                        f.writelines(json_line(x) for x in self.last_samples)
                 if writer is not None:
                     for k, v in metrics.items():
                         if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
