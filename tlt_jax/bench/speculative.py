@@ -2,7 +2,7 @@
 
     python -m tlt_jax.bench.speculative [--json PATH] [--batches 1,4,16,32] [--temperatures 0,1]
         [--strategies chain-2,chain-4,chain-8,4_2_8,6_4_16,8_4_32,ngram:chain-4] [--new-tokens 128] [--drafter DIR]
-        [--min-rows 4] [--verify-sizes 1,3,5,9,16,32]
+        [--min-rows 4] [--verify-sizes auto]
 
 Target: SmolLM2-135M-Instruct (embedded GGUF, float32) with the drafter saved by
 ``python -m tlt_jax.drafter.warmup --config configs/smollm2_135m.py`` (``--drafter`` or the default
@@ -17,12 +17,15 @@ tokens per second of wall time (prefill included), ``plain_tok_s`` the plain rol
 A strategy prefixed ``ngram:`` uses the model-free n-gram proposer instead of the drafter.
 
 Last, one verify forward of V tokens is timed against one decode step at batch 1 (``verify_cost`` in the
-JSON): at batch 1 the speedup is bounded by accept_len x decode_ms / verify_ms.
+JSON; ``--verify-sizes auto``: V = 1 and each strategy's verified tokens, ``verify_tokens`` in its rows): at
+batch 1 a speculative step costs one verify forward plus the drafting, so the speedup is roughly bounded by
+accept_len x decode_ms / verify_ms (roughly: a verify timed alone is noisier than one inside a chunk).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import time
 
@@ -40,8 +43,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--min-rows", type=int, default=4,
                     help="a batch smaller than this runs several disjoint prompt groups, timed together")
-    ap.add_argument("--verify-sizes", default="1,3,5,9,16,32",
-                    help="also time one verify forward of V tokens against one decode step (batch 1); '' skips")
+    ap.add_argument("--verify-sizes", default="auto",
+                    help="also time one verify forward of V tokens against one decode step (batch 1): a list, "
+                         "'auto' (1 and every strategy's V) or '' (skip)")
     args = ap.parse_args(argv)
 
     import numpy as np
@@ -113,11 +117,16 @@ def main(argv=None) -> int:
                 row = {"strategy": label, "batch": b, "temperature": temp, "accept_len": round(accept, 3),
                        "tok_s": round(ntok / sec, 2), "plain_tok_s": round(plain_tok_s, 2),
                        "speedup": round((ntok / sec) / plain_tok_s, 3), "tokens": ntok, "plain_tokens": plain_tok,
-                       "groups": len(groups), "same_as_plain": same}
+                       "groups": len(groups), "same_as_plain": same,
+                       "verify_tokens": sspec.strategy.num_verify}
                 rows.append(row)
                 print(f"  {label:>14}: accept {row['accept_len']:.2f}  {row['tok_s']:.1f} tok/s  "
                       f"x{row['speedup']:.2f}" + ("" if same is None else f"  same={same}"), flush=True)
-    cost = verify_cost(model, [int(v) for v in args.verify_sizes.split(",") if v]) if args.verify_sizes else []
+    if args.verify_sizes == "auto":
+        sizes = sorted({1} | {ss.strategy.num_verify for _, ss in strategies})
+    else:
+        sizes = [int(v) for v in args.verify_sizes.split(",") if v]
+    cost = verify_cost(model, sizes) if sizes else []
     print()
     print_table(rows, ["strategy", "batch", "temperature", "accept_len", "tok_s", "plain_tok_s", "speedup"])
     if cost:
@@ -128,11 +137,13 @@ def main(argv=None) -> int:
     return 0
 
 
-def verify_cost(model, sizes, prefix: int = 96, repeats: int = 20):
+def verify_cost(model, sizes, prefix: int = 96, steps: int = 8, repeats: int = 5):
     """Milliseconds of one verify forward of V chained tokens versus one decode step, batch 1, same cache.
 
-    The speculative speedup at batch 1 is at most accept_len x decode_ms / (verify_ms + drafting), so this
-    ratio says how much acceptance a machine needs before speculation pays.
+    Each is timed as ``steps`` forwards inside one jitted loop (each step's tokens depend on the previous
+    step's logits, as in a rollout chunk), best of ``repeats`` runs, decode and verify alternating. At batch 1
+    the speculative speedup is roughly accept_len x decode_ms / (verify_ms + drafting), so this ratio says how
+    much acceptance a machine needs before speculation pays.
     """
     import jax
     import jax.numpy as jnp
@@ -142,23 +153,45 @@ def verify_cost(model, sizes, prefix: int = 96, repeats: int = 20):
     from tlt_jax.models.kv_cache import init_cache
 
     graphdef, params = nnx.split(model)
-    cache = init_cache(model.cfg, 1, prefix + 64)
+    cache = init_cache(model.cfg, 1, prefix + steps + 64)
     _, _, cache = prefill(model, jnp.ones((1, prefix), jnp.int32), jnp.ones((1, prefix), bool), cache)
-    dec = jax.jit(lambda p, c, t: decode(nnx.merge(graphdef, p), t, c)[0])
-    ver = jax.jit(lambda p, c, t, pos, m: verify(nnx.merge(graphdef, p), t, pos, m, c)[0])
+
+    @jax.jit
+    def dec(p, c, t):
+        m = nnx.merge(graphdef, p)
+
+        def body(_, carry):
+            c, t = carry
+            logits, _, c = decode(m, t, c)
+            return c, jnp.argmax(logits, -1).astype(jnp.int32)
+
+        return jax.lax.fori_loop(0, steps, body, (c, t))[1]
+
+    @functools.partial(jax.jit, static_argnums=3)
+    def ver(p, c, t, v):
+        m = nnx.merge(graphdef, p)
+        pos = c.lengths[:, None] + jnp.arange(v, dtype=jnp.int32)[None]
+        mask = jnp.tril(jnp.ones((v, v), bool))[None]
+
+        def body(_, t):
+            logits, _, _ = verify(m, t, pos, mask, c)
+            return jnp.argmax(logits, -1).astype(jnp.int32)
+
+        return jax.lax.fori_loop(0, steps, body, t)
 
     def ms(fn, *a):
         jax.block_until_ready(fn(*a))
         t0 = time.perf_counter()
-        for _ in range(repeats):
-            jax.block_until_ready(fn(*a))
-        return (time.perf_counter() - t0) / repeats * 1e3
+        jax.block_until_ready(fn(*a))
+        return (time.perf_counter() - t0) / steps * 1e3
 
     out = []
     for v in sizes:
-        d = ms(dec, params, cache, jnp.ones((1,), jnp.int32))
-        pos = prefix + jnp.arange(v, dtype=jnp.int32)[None]
-        w = ms(ver, params, cache, jnp.ones((1, v), jnp.int32), pos, jnp.tril(jnp.ones((v, v), bool))[None])
+        d, w = [], []
+        for _ in range(repeats):
+            d.append(ms(dec, params, cache, jnp.ones((1,), jnp.int32)))
+            w.append(ms(ver, params, cache, jnp.ones((1, v), jnp.int32), v))
+        d, w = min(d), min(w)
         out.append({"verify_tokens": v, "verify_ms": round(w, 2), "decode_ms": round(d, 2), "ratio": round(w / d, 3)})
         print(f"verify {v} tokens: {w:.1f} ms, decode step {d:.1f} ms (x{w / d:.2f})", flush=True)
     return out
