@@ -34,6 +34,15 @@ def test_json_line_is_strict_json():
         strict('{"loss": NaN}')
 
 
+def test_step_line_is_strict_json(capsys):
+    train_cli._print_step({"step": 3, "drafter_loss": float("nan"), "reward_mean": 0.123456,
+                           "arm_chunks": {"8:plain": 2}})
+    out = capsys.readouterr().out
+    assert out.startswith("[tlt] step 3: ") and out.endswith("\n")
+    assert strict(out[len("[tlt] step 3: "):]) == {"drafter_loss": None, "reward_mean": 0.1235,
+                                                   "arm_chunks": {"8:plain": 2}}
+
+
 def tiny_rl_args(*extra):
     return ["--config", "configs/tiny.py"] + [f"--config.{o}" for o in TINY_RL + list(extra)]
 

@@ -66,10 +66,10 @@ def run(config, args) -> int:
 
 
 def _print_step(m) -> None:
-    import json
+    from tlt_jax.rl.trainer import json_line
 
-    print(f"[tlt] step {m['step']}: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v
-                                                   for k, v in m.items() if k != "step"}), flush=True)
+    line = json_line({k: round(v, 4) if isinstance(v, float) else v for k, v in m.items() if k != "step"})
+    print(f"[tlt] step {m['step']}: " + line, end="", flush=True)
 
 
 if __name__ == "__main__":
