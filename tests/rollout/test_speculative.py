@@ -122,8 +122,9 @@ def _prompts(vocab, sizes, seed=0):
 
 @pytest.mark.lossless
 def test_greedy_speculative_equals_plain_float64():
-    """Float64: greedy speculation (a chain and a tree, warmed and bad drafter, n-gram) == plain greedy decoding,
-    including rows that stop on a stop token or their own length limit inside an accepted run."""
+    """Float64: greedy speculation (a chain and a tree, warmed and bad drafter, n-gram, and the engine's plain arm)
+    == plain greedy decoding, including rows that stop on a stop token or their own length limit inside an
+    accepted run."""
     with jax.enable_x64(True):
         model = _tiny("float64", seed=1)
         prompts = _prompts(model.cfg.vocab_size, (3, 7, 12, 5))
@@ -139,9 +140,10 @@ def test_greedy_speculative_equals_plain_float64():
         accept = {}
         for spec, lim in specs:
             ref = generate(model, prompts, spec, max_new=lim)
-            for name, drafter, prop in [("warm", warm, "eagle"), ("bad", bad, "eagle"), ("ngram", None, "ngram")]:
+            for name, drafter, prop in [("warm", warm, "eagle"), ("bad", bad, "eagle"), ("ngram", None, "ngram"),
+                                        ("plain", None, "none")]:
                 # a chain and a tree for each drafter (each strategy is its own compiled program: the bulk of the time)
-                strategies = ["chain-4"] if prop == "ngram" else ["chain-4", "4_3_10"]
+                strategies = ["chain-4", "4_3_10"] if prop == "eagle" else ["chain-4"]
                 for strat in strategies:
                     sspec = SpeculativeSpec(SpecStrategy.parse(strat), proposer=prop)
                     out = generate_speculative(model, prompts, spec, sspec, drafter, max_new=lim)

@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from tlt_jax.errors import ConfigError, InputError
-from tlt_jax.models.decoder import Decoder, prefill, verify
+from tlt_jax.models.decoder import Decoder, decode, prefill, verify
 from tlt_jax.models.drafter import Drafter, init_drafter_cache
 from tlt_jax.models.kv_cache import KVCache, init_cache
 from tlt_jax.rollout.acceptance import get_rule
@@ -268,9 +268,15 @@ def speculative_step(model: Decoder, drafter: Optional[Drafter], head_w, st: Spe
         drafts = propose_ngram(st.history, n + 1, d_max, sspec.ngram_max, sspec.ngram_min)
         tree = chain_tree(st.next_token, drafts)
     # 2. verify
-    mask = ancestor_mask(tree.parents, d_max)
-    positions = (n[:, None] + tree.depth).astype(jnp.int32)
-    logits, hidden, new_kv = verify(model, tree.tokens, positions, mask, cache, attn_impl=spec.attn_impl)
+    if sspec.proposer == "none":
+        # A plain step: the decode forward writes the root's key/value in place (no separate commit), which
+        # is cheaper than a one-token verify followed by a scatter; the same numbers either way.
+        logits1, hidden1, written = decode(model, st.next_token, cache, active, attn_impl=spec.attn_impl)
+        logits, hidden, new_kv = logits1[:, None], hidden1[:, None], None
+    else:
+        mask = ancestor_mask(tree.parents, d_max)
+        positions = (n[:, None] + tree.depth).astype(jnp.int32)
+        logits, hidden, new_kv = verify(model, tree.tokens, positions, mask, cache, attn_impl=spec.attn_impl)
     # 3. accept
     rng, key = jax.random.split(st.rng)
     acc = get_rule(sspec.acceptance)(key, logits, tree, spec.sampling, d_max)
@@ -299,14 +305,17 @@ def speculative_step(model: Decoder, drafter: Optional[Drafter], head_w, st: Spe
     # 4. commit: the root and the accepted nodes (count entries) go to slots n .. n + count - 1
     slots = jnp.where(j < count[:, None], n[:, None] + j, s_max).astype(jnp.int32)
     path = acc.path
-    ks, vs = [], []
-    for layer, (k_new, v_new) in enumerate(new_kv):
-        kp = jnp.take_along_axis(k_new, path[:, :, None, None], axis=1)  # [B, W, KVH, D]
-        vp = jnp.take_along_axis(v_new, path[:, :, None, None], axis=1)
-        kc, vc = _scatter(cache.k[layer], cache.v[layer], kp, vp, slots)
-        ks.append(kc)
-        vs.append(vc)
-    cache = cache.replace(k=tuple(ks), v=tuple(vs), lengths=new_len)
+    if new_kv is None:  # written by the decode forward (active rows commit exactly their root: count = 1)
+        cache = written.replace(lengths=new_len)
+    else:
+        ks, vs = [], []
+        for layer, (k_new, v_new) in enumerate(new_kv):
+            kp = jnp.take_along_axis(k_new, path[:, :, None, None], axis=1)  # [B, W, KVH, D]
+            vp = jnp.take_along_axis(v_new, path[:, :, None, None], axis=1)
+            kc, vc = _scatter(cache.k[layer], cache.v[layer], kp, vp, slots)
+            ks.append(kc)
+            vs.append(vc)
+        cache = cache.replace(k=tuple(ks), v=tuple(vs), lengths=new_len)
     dcache, draft_hidden = st.dcache, st.draft_hidden
     if drafter is not None:  # the drafter follows every commit, whichever proposer drafted
         feats = jnp.take_along_axis(hidden, path[:, :, None], axis=1)  # target features of root + accepted
