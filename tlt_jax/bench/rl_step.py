@@ -213,14 +213,22 @@ def probe_accept(trainer, step: int) -> float:
     current policy, chain-4, the rollout's sampling settings, a fixed seed. The engine's own acceptance length
     mixes in the chunks its bandit decoded plainly; this measures the drafter alone, the same way for every
     mode and step."""
+    import jax
+    import numpy as np
     from flax import nnx
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+    from tlt_jax.parallel import sharding as shd
     from tlt_jax.rollout.speculative import SpeculativeSpec, generate_speculative
     from tlt_jax.rollout.tree import SpecStrategy
 
-    model = nnx.merge(trainer.graphdef, trainer.params)
+    # policy (on the training mesh) and drafter (where the spot trainer averaged it) onto one local device
+    one = NamedSharding(Mesh(np.asarray(jax.local_devices()[:1]), ("data",)), PartitionSpec())
+    model = nnx.merge(trainer.graphdef, shd.to_mesh(trainer.params, one))
+    dgraph, dstate = nnx.split(trainer.drafter)
+    drafter = nnx.merge(dgraph, shd.to_mesh(dstate, one))
     prompts = [trainer.prompt_ids[i] for i in trainer.prompt_indices(step)]
-    out = generate_speculative(model, prompts, trainer.spec, SpeculativeSpec(SpecStrategy(depth=4)), trainer.drafter,
+    out = generate_speculative(model, prompts, trainer.spec, SpeculativeSpec(SpecStrategy(depth=4)), drafter,
                                seed=4242, cache_len=int(trainer.config.rollout.cache_len) or None)
     return out.accept_len
 
