@@ -1,6 +1,7 @@
 """Shared test helpers: the tiny random model of configs/tiny.py."""
 
 import functools
+import json
 
 from flax import nnx
 
@@ -40,3 +41,11 @@ def train_drafter(model, prompts, *, steps: int = 150, new_tokens: int = 24, see
         dparams, opt_state, metrics = train_step(dparams, drest, opt_state, tparams, tokens, feats, loss_mask,
                                                  dgraphdef=dgraphdef, tgraphdef=tgraphdef, optimizer=opt)
     return nnx.merge(dgraphdef, dparams, drest), {k: float(np.asarray(v)) for k, v in metrics.items()}
+
+
+def strict_json(text: str):
+    """json.loads that refuses NaN / Infinity (not JSON; strict parsers reject them)."""
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    return json.loads(text, parse_constant=refuse)

@@ -8,30 +8,16 @@ import jax
 import numpy as np
 import pytest
 
+from tests.helpers import strict_json as strict
 from tlt_jax.cli import train as train_cli
 from tlt_jax.config import load_config
 from tlt_jax.errors import CheckpointError
 from tlt_jax.rl import grpo
-from tlt_jax.rl.trainer import Trainer, json_line
+from tlt_jax.rl.trainer import Trainer
 
 TINY_RL = ["model.arch.vocab_size=49152", "model.tokenizer=embedded:smollm2", "rollout.max_prompt_len=128",
            "rl.max_new_tokens=16", "rl.prompts_per_step=2", "rl.group_size=4", "rl.lr=1e-3",
            "rl.reward=tests.rl.reward_fns:char_reward"]
-
-
-def strict(line):
-    """json.loads that refuses NaN / Infinity (not JSON; strict parsers reject them)."""
-    def refuse(name):
-        raise ValueError(f"non-standard JSON constant {name}")
-
-    return json.loads(line, parse_constant=refuse)
-
-
-def test_json_line_is_strict_json():
-    line = json_line({"step": 1, "loss": float("nan"), "x": [1.5, float("inf")], "arms": {"a": -float("inf")}})
-    assert line.endswith("\n") and strict(line) == {"step": 1, "loss": None, "x": [1.5, None], "arms": {"a": None}}
-    with pytest.raises(ValueError):
-        strict('{"loss": NaN}')
 
 
 def test_step_line_is_strict_json(capsys):

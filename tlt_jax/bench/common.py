@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 from typing import Dict, List, Sequence
+
+from tlt_jax import jsonio
 
 BENCH_QUESTIONS = (
     "What is 12 + 35?",
@@ -45,5 +46,5 @@ def write_json(path: str, payload: Dict[str, object]) -> None:
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
-        json.dump(payload, f, indent=1)
+        jsonio.dump(payload, f, indent=1)
     print(f"wrote {path}")

@@ -8,10 +8,11 @@ greedy decoding; the acceptance length is reported), with the warmed drafter or 
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
+
+from tlt_jax import jsonio
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -100,7 +101,7 @@ def run(config, args) -> int:
         print(f"[tlt] acceptance length {spec_result[0].accept_len:.2f} tokens per target forward")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"answers": [tokenizer.decode(t, skip_special_tokens=True) for t in res.tokens],
+            jsonio.dump({"answers": [tokenizer.decode(t, skip_special_tokens=True) for t in res.tokens],
                        "lengths": res.lengths.tolist(), "finish_reasons": res.finish_reasons,
                        "tokens_per_s": n_tok / wall, "prefill_s": res.prefill_s, "decode_s": res.decode_s,
                        "accept_len": spec_result[0].accept_len if spec_result else None}, f,

@@ -8,9 +8,10 @@ With ``--devices N`` the check runs on N fake CPU devices (nothing is allocated:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
+
+from tlt_jax import jsonio
 
 
 def inspect_config(config, mesh) -> dict:
@@ -83,7 +84,7 @@ def main(argv=None) -> int:
         print(f"    {p:45s} {s}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+            jsonio.dump(report, f, indent=1)
     return 0
 
 

@@ -66,7 +66,7 @@ def run(config, args) -> int:
 
 
 def _print_step(m) -> None:
-    from tlt_jax.rl.trainer import json_line
+    from tlt_jax.jsonio import json_line
 
     line = json_line({k: round(v, 4) if isinstance(v, float) else v for k, v in m.items() if k != "step"})
     print(f"[tlt] step {m['step']}: " + line, end="", flush=True)

@@ -19,7 +19,6 @@ compile and fit, and their order of magnitude, not the accelerator's exact figur
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any, Dict, Optional, Sequence
 
@@ -28,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from tlt_jax import jsonio
 
 GIB = float(2 ** 30)
 
@@ -156,14 +157,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         reports = []
         if args.only in (None, "train_step"):
             reports.append(compile_train_step(config, devices, args.rows, args.prompt_len, args.answer_len))
-            print(json.dumps(reports[-1]), flush=True)
+            print(jsonio.json_line(reports[-1]), end="", flush=True)
         if args.only in (None, "speculative_chunk"):
             cache = -(-(args.prompt_len + args.answer_len) // 64) * 64
             reports.append(compile_speculative_chunk(config, devices, args.bucket, cache, args.strategy))
-            print(json.dumps(reports[-1]), flush=True)
+            print(jsonio.json_line(reports[-1]), end="", flush=True)
         if args.json:
             with open(args.json, "w") as f:
-                json.dump({"config": config.name, "platform": devices[0].platform, "reports": reports}, f, indent=1)
+                jsonio.dump({"config": config.name, "platform": devices[0].platform, "reports": reports}, f, indent=1)
         return 0
 
     return config_main("tlt_jax.parallel.aot", __doc__, arguments, run, argv)

@@ -33,6 +33,7 @@ from flax import nnx
 
 from tlt_jax import checkpoint
 from tlt_jax.errors import CheckpointError, ConfigError, DataError
+from tlt_jax.jsonio import json_line
 from tlt_jax.parallel import sharding as shd
 from tlt_jax.rl import grpo
 from tlt_jax.rl.rewards import RewardOutput, math_rewards, safe_rewards
@@ -70,20 +71,6 @@ def load_reward_fn(name: str, format_weight: float) -> Callable:
         return getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as e:
         raise ConfigError(f"rl.reward {name!r}: cannot import {attr!r} from {module!r} ({e})") from None
-
-
-def json_line(record: Dict[str, Any]) -> str:
-    """One strict-JSON line: non-finite floats (NaN: not measured yet; inf) become null."""
-    def clean(v):
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [clean(x) for x in v]
-        return v
-
-    return json.dumps(clean(record), allow_nan=False) + "\n"
 
 
 def percentiles(lengths: Sequence[int]) -> Dict[str, float]:
