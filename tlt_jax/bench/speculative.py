@@ -81,7 +81,8 @@ def main(argv=None) -> int:
               flush=True)
     w = config.drafter.warmup
     batches = [int(b) for b in args.batches.split(",")]
-    all_prompts = build_prompts(tokenizer, max(max(batches), args.min_rows), int(w.data_seed) + 5000, config.job.system_prompt or None)
+    all_prompts = build_prompts(tokenizer, max(max(batches), args.min_rows), int(w.data_seed) + 5000,
+                                config.job.system_prompt or None)
 
     rows = []
     for temp in [float(t) for t in args.temperatures.split(",")]:

@@ -3,7 +3,8 @@
 Each batch-size bucket has its own arms (strategies, e.g. ``plain``, ``chain-2``, ``4_2_8``). The reward of a
 pull is the committed tokens per second of one chunk. An arm's value is the *median* of its last ``window``
 rewards (robust to the odd slow chunk on a shared machine). ``choose`` first tries every arm of the bucket
-``min_pulls`` times (round robin), then explores a random arm with probability ``epsilon`` and otherwise exploits the best value.
+``min_pulls`` times (round robin), then explores a random arm with probability ``epsilon`` and otherwise exploits
+the best value.
 
 The bandit is deterministic given its seed and the sequence of updates, so processes that feed it the same
 (gathered) rewards take the same decisions.
