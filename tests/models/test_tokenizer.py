@@ -40,8 +40,8 @@ def test_gguf_tokenizer_matches_transformers(tmp_path, monkeypatch):
     path = embedded_gguf_path()
     ref = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
     ours = load_tokenizer("embedded:smollm2")
-    texts = ["What is 12 + 35?", "  leading spaces and 1234567 digits\n\nnew lines", "Ünïcödé — emoji 🙂 and 中文",
-             "<|im_start|>user\nhi<|im_end|>", "x" * 300]
+    texts = ["What is 12 + 35?", "  leading spaces and 1234567 digits\n\nnew lines",
+             "Ünïcödé — emoji 🙂 and 中文", "<|im_start|>user\nhi<|im_end|>", "x" * 300]
     for t in texts:
         assert ours.encode(t) == ref.encode(t), t
         assert ours.decode(ours.encode(t)) == ref.decode(ref.encode(t))

@@ -26,7 +26,8 @@ def test_math_style_parquet_with_boxed_solutions(tmp_path):
     import datasets
 
     path = str(tmp_path / "math.parquet")
-    datasets.Dataset.from_list([{"problem": "Half of one?", "solution": "It is \\boxed{\\frac{1}{2}}."}]).to_parquet(path)
+    record = {"problem": "Half of one?", "solution": "It is \\boxed{\\frac{1}{2}}."}
+    datasets.Dataset.from_list([record]).to_parquet(path)
     ex = load_examples(path, question_field="problem", answer_field="solution", answer_format="boxed")
     assert ex[0].answer == "\\frac{1}{2}" and ex[0].question == "Half of one?"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 from typing import Dict, List, Sequence
@@ -33,6 +34,8 @@ def machine_info() -> Dict[str, object]:
 
 def print_table(rows: Sequence[Dict[str, object]], cols: Sequence[str]) -> None:
     def fmt(v):
+        if v is None or (isinstance(v, float) and not math.isfinite(v)):
+            return "-"  # not measured in this mode
         return f"{v:.2f}" if isinstance(v, float) else str(v)
 
     widths = [max(len(c), *(len(fmt(r[c])) for r in rows)) for c in cols]

@@ -126,7 +126,7 @@ def main(argv=None) -> int:
     summary.update({k2: v for k2, v in extra.items() if not isinstance(v, dict)})
     print()
     for r in rows:
-        r.setdefault("probe_accept", float("nan"))
+        r.setdefault("probe_accept", None)
     print_table(rows, ["mode", "step", "rollout_s", "step_s", "accept_len", "probe_accept", "reward", "tokens",
                        "len_max", "spot_steps", "idle_device_s", "drafter_loss"])
     print()
@@ -142,10 +142,9 @@ def main(argv=None) -> int:
 
 
 def _worker(args, overrides) -> int:
-    import json
-
     from flax import nnx
 
+    from tlt_jax import jsonio
     from tlt_jax.config import load_config
     from tlt_jax.parallel.mesh import apply_cpu_devices
     from tlt_jax.rl.trainer import Trainer
@@ -204,7 +203,7 @@ def _worker(args, overrides) -> int:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     with open(args.json, "w") as f:
-        json.dump({"rows": rows, "extra": extra}, f)
+        jsonio.dump({"rows": rows, "extra": extra}, f)
     return 0
 
 

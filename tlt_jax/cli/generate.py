@@ -93,7 +93,8 @@ def run(config, args) -> int:
     n_tok = int(np.sum(res.lengths))
     wall = res.prefill_s + res.decode_s
     for msg, toks, reason in zip(messages, res.tokens, res.finish_reasons):
-        print(f"\n>>> {msg}\n{tokenizer.decode(toks, skip_special_tokens=True).strip()}\n[{len(toks)} tokens, {reason}]")
+        answer = tokenizer.decode(toks, skip_special_tokens=True).strip()
+        print(f"\n>>> {msg}\n{answer}\n[{len(toks)} tokens, {reason}]")
     print(f"\n[tlt] {n_tok} tokens in {wall:.2f}s = {n_tok / wall:.1f} tokens/s "
           f"(prefill {res.prefill_s:.2f}s, decode {res.decode_s:.2f}s, {res.num_chunks} chunks; "
           f"first call incl. compile {t_first:.1f}s)")

