@@ -1,0 +1,57 @@
+"""The RL-step benchmark end to end on the tiny model: every mode in its own process, strict JSON out."""
+
+import math
+
+import pytest
+from flax import nnx
+
+from tests.helpers import strict_json
+from tests.multiproc import REPO_ROOT
+from tests.rl.test_trainer import TINY_RL
+from tlt_jax.bench import rl_step
+from tlt_jax.config import load_config
+from tlt_jax.drafter.io import save_drafter
+from tlt_jax.models.drafter import Drafter
+from tlt_jax.models.weights import model_from_config
+
+# 2 answers per prompt, no plain arm: few compiled programs; 16 new tokens
+SMALL = TINY_RL + ["rl.group_size=2", "tlt.plain_arm=False"]
+
+
+@pytest.mark.slow  # four training processes, one per mode (about 90 s)
+def test_rl_step_bench_runs_every_mode_and_writes_strict_json(tmp_path, monkeypatch, capsys):
+    # a (random) drafter for the tiny target stands in for the warm-up's: the TLT modes refuse to run without one
+    ddir = str(tmp_path / "drafter")
+    _, model = model_from_config(load_config("tiny", SMALL), None)
+    save_drafter(ddir, Drafter(model.cfg, nnx.Rngs(0)), model)
+    out = tmp_path / "rl_step.json"
+    monkeypatch.chdir(REPO_ROOT)  # the mode processes load configs/ and tests.rl.reward_fns from here
+    argv = ["--config", "configs/tiny.py", "--steps", "1", "--adaptive-steps", "1", "--overhead-reps", "1",
+            "--json", str(out)] + [f"--config.{o}" for o in SMALL + [f"drafter.checkpoint={ddir}"]]
+    assert rl_step.main(argv) == 0
+    res = strict_json(out.read_text())
+    assert [(r["mode"], r["step"]) for r in res["rows"]] == [
+        ("baseline", 1), ("tlt_base", 1), ("tlt", 1), ("frozen", 1)]
+    for r in res["rows"]:
+        assert r["rollout_s"] > 0 and r["step_s"] >= r["rollout_s"] and r["tokens"] > 0
+        # the baseline has no acceptance; only the learned-drafter modes are probed
+        assert (r["accept_len"] is None) == (r["mode"] == "baseline")
+        assert (r["probe_accept"] is None) == (r["mode"] in ("baseline", "tlt_base"))
+    s = res["summary"]
+    for key in ("rollout_speedup_tlt", "step_speedup_tlt", "rollout_speedup_tlt_base",
+                "accept_ratio_adaptive_vs_frozen", "rollout_accept_ratio_adaptive_vs_frozen", "spot_overhead"):
+        assert isinstance(s[key], float) and math.isfinite(s[key]) and s[key] > 0, key
+    assert {"pool_tlt_base", "pool_tlt", "pool_frozen"} <= set(res["extra"])
+    assert "rollout_speedup_tlt_base" in capsys.readouterr().out
+
+
+def test_rl_step_bench_refuses_bad_arguments(tmp_path, capsys):
+    for argv, msg in ((["--steps", "0"], "--steps >= 1"), (["--steps", "3", "--adaptive-steps", "2"], "--steps >= 1"),
+                      (["--modes", "baseline,fast"], "unknown modes"), (["--bogus"], "unrecognised")):
+        try:
+            rl_step.main(argv)
+        except SystemExit as e:
+            assert e.code == 2
+        else:
+            raise AssertionError(f"{argv} was accepted")
+        assert msg in capsys.readouterr().err, argv
