@@ -45,13 +45,10 @@ def test_rl_step_bench_runs_every_mode_and_writes_strict_json(tmp_path, monkeypa
     assert "rollout_speedup_tlt_base" in capsys.readouterr().out
 
 
-def test_rl_step_bench_refuses_bad_arguments(tmp_path, capsys):
+def test_rl_step_bench_refuses_bad_arguments(capsys):
     for argv, msg in ((["--steps", "0"], "--steps >= 1"), (["--steps", "3", "--adaptive-steps", "2"], "--steps >= 1"),
                       (["--modes", "baseline,fast"], "unknown modes"), (["--bogus"], "unrecognised")):
-        try:
+        with pytest.raises(SystemExit) as exit_info:
             rl_step.main(argv)
-        except SystemExit as e:
-            assert e.code == 2
-        else:
-            raise AssertionError(f"{argv} was accepted")
+        assert exit_info.value.code == 2, argv
         assert msg in capsys.readouterr().err, argv
