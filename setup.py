@@ -28,14 +28,16 @@ setup(
         "tensorboardX>=2.6",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "accelerate>=1.0"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "accelerate>=1.0", "import-linter>=2.1"],
     },
     entry_points={
         "console_scripts": [
+            "tlt-aot=tlt_jax.cli.aot:main",
             "tlt-generate=tlt_jax.cli.generate:main",
             "tlt-inspect=tlt_jax.cli.inspect_model:main",
             "tlt-launch=tlt_jax.cli.launch:main",
             "tlt-train=tlt_jax.cli.train:main",
+            "tlt-warmup=tlt_jax.cli.warmup:main",
         ],
     },
 )

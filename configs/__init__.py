@@ -1,1 +1,1 @@
-"""Config files: each defines get_config(); load them with tlt_jax.config.load_config."""
+"""Config files: each defines get_config(); load them with tlt_jax.app.config.load_config."""

@@ -1,6 +1,6 @@
 """Llama-3.3-70B (paper scale; Llama-3 RoPE scaling)."""
 
-from tlt_jax.config import arch_dict, base_config
+from tlt_jax.app.config import arch_dict, base_config
 
 
 def get_config():

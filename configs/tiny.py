@@ -1,6 +1,6 @@
 """A random tiny model, for tests and quick experiments."""
 
-from tlt_jax.config import arch_dict, base_config
+from tlt_jax.app.config import arch_dict, base_config
 
 
 def get_config():

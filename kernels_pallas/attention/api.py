@@ -20,13 +20,13 @@ from kernels_pallas.attention import reference
 
 
 def _pallas_gpu(*args, interpret=False, **kw):
-    from kernels_pallas.attention import pallas_gpu
+    from kernels_pallas.attention import pallas_gpu  # local: a backend loads only when chosen (Pallas, ~0.4 s)
 
     return pallas_gpu.cached_attention(*args, interpret=interpret, **kw)
 
 
 def _pallas_tpu(*args, interpret=False, **kw):
-    from kernels_pallas.attention import pallas_tpu
+    from kernels_pallas.attention import pallas_tpu  # local: a backend loads only when chosen (Pallas, ~0.4 s)
 
     return pallas_tpu.cached_attention(*args, interpret=interpret, **kw)
 

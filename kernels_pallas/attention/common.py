@@ -12,6 +12,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from kernels_pallas.attention import reference
+
 NEG = -1e30
 
 
@@ -20,25 +22,12 @@ def reference_if_not_verification(q, k_cache, v_cache, prefix_len, k_new, v_new,
     cache write) are answered by the reference, which XLA handles well. Returns None for the kernel's calls."""
     if k_cache is not None and k_new is not None:
         return None
-    from kernels_pallas.attention import reference
-
     return reference.cached_attention(q, k_cache, v_cache, prefix_len, k_new, v_new, new_mask, attend_len=attend_len)
 
 
 def cache_len_of(k_cache, attend_len) -> int:
     s_total = k_cache.shape[2]
     return s_total if attend_len is None else min(int(attend_len), s_total)
-
-
-def round_up(x: int, m: int) -> int:
-    return (x + m - 1) // m * m
-
-
-def next_pow2(x: int, floor: int = 1) -> int:
-    p = floor
-    while p < x:
-        p *= 2
-    return p
 
 
 class Packed(NamedTuple):

@@ -16,8 +16,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels_pallas.attention.common import (NEG, cache_len_of, next_pow2, online_update, pack,
-                                              reference_if_not_verification, unpack)
+from kernels_pallas.attention.common import (NEG, cache_len_of, online_update, pack, reference_if_not_verification,
+                                              unpack)
+from tlt_jax.core.shapes import next_pow2
 
 
 def _kernel(lens_ref, q_ref, kc_ref, vc_ref, kn_ref, vn_ref, mask_ref, o_ref, *, block_s: int, cache_len: int):

@@ -16,8 +16,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels_pallas.attention.common import (NEG, cache_len_of, online_update, pack,
-                                              reference_if_not_verification, round_up, unpack)
+from kernels_pallas.attention.common import (NEG, cache_len_of, online_update, pack, reference_if_not_verification,
+                                              unpack)
+from tlt_jax.core.shapes import round_up
 
 
 def _kernel(lens_ref, q_ref, kc_ref, vc_ref, kn_ref, vn_ref, mask_ref, o_ref, m_scr, l_scr, acc_scr, *,

@@ -5,30 +5,29 @@ import math
 import pytest
 from flax import nnx
 
-from tests.helpers import strict_json
-from tests.multiproc import REPO_ROOT
+from tests.helpers import run_command, strict_json
 from tests.rl.test_trainer import TINY_RL
-from tlt_jax.bench import rl_step
-from tlt_jax.config import load_config
-from tlt_jax.drafter.io import save_drafter
+from tlt_jax.app.build import model_from_config
+from tlt_jax.app.config import load_config
+from tlt_jax.io.drafter import save_drafter
 from tlt_jax.models.drafter import Drafter
-from tlt_jax.models.weights import model_from_config
 
 # 2 answers per prompt, no plain arm: few compiled programs; 16 new tokens
 SMALL = TINY_RL + ["rl.group_size=2", "tlt.plain_arm=False"]
 
 
 @pytest.mark.slow  # four training processes, one per mode (about 90 s)
-def test_rl_step_bench_runs_every_mode_and_writes_strict_json(tmp_path, monkeypatch, capsys):
+def test_rl_step_bench_runs_every_mode_and_writes_strict_json(tmp_path):
     # a (random) drafter for the tiny target stands in for the warm-up's: the TLT modes refuse to run without one
     ddir = str(tmp_path / "drafter")
     _, model = model_from_config(load_config("tiny", SMALL), None)
     save_drafter(ddir, Drafter(model.cfg, nnx.Rngs(0)), model)
     out = tmp_path / "rl_step.json"
-    monkeypatch.chdir(REPO_ROOT)  # the mode processes load configs/ and tests.rl.reward_fns from here
+    # run from the repository root: the mode processes load configs/ and tests.rl.reward_fns from there
     argv = ["--config", "configs/tiny.py", "--steps", "1", "--adaptive-steps", "1", "--overhead-reps", "1",
             "--json", str(out)] + [f"--config.{o}" for o in SMALL + [f"drafter.checkpoint={ddir}"]]
-    assert rl_step.main(argv) == 0
+    p = run_command("tlt_jax.bench.rl_step", argv)
+    assert p.returncode == 0, p.stderr[-3000:]
     res = strict_json(out.read_text())
     assert [(r["mode"], r["step"]) for r in res["rows"]] == [
         ("baseline", 1), ("tlt_base", 1), ("tlt", 1), ("frozen", 1)]
@@ -42,13 +41,12 @@ def test_rl_step_bench_runs_every_mode_and_writes_strict_json(tmp_path, monkeypa
                 "accept_ratio_adaptive_vs_frozen", "rollout_accept_ratio_adaptive_vs_frozen", "spot_overhead"):
         assert isinstance(s[key], float) and math.isfinite(s[key]) and s[key] > 0, key
     assert {"pool_tlt_base", "pool_tlt", "pool_frozen"} <= set(res["extra"])
-    assert "rollout_speedup_tlt_base" in capsys.readouterr().out
+    assert "rollout_speedup_tlt_base" in p.stdout
 
 
-def test_rl_step_bench_refuses_bad_arguments(capsys):
+def test_rl_step_bench_refuses_bad_arguments():
     for argv, msg in ((["--steps", "0"], "--steps >= 1"), (["--steps", "3", "--adaptive-steps", "2"], "--steps >= 1"),
                       (["--modes", "baseline,fast"], "unknown modes"), (["--bogus"], "unrecognised")):
-        with pytest.raises(SystemExit) as exit_info:
-            rl_step.main(argv)
-        assert exit_info.value.code == 2, argv
-        assert msg in capsys.readouterr().err, argv
+        p = run_command("tlt_jax.bench.rl_step", argv)
+        assert p.returncode == 2, argv
+        assert msg in p.stderr, argv

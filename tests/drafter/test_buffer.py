@@ -9,8 +9,9 @@ from flax import nnx
 from tests.helpers import tiny_model
 from tlt_jax.drafter.buffer import DrafterBuffer
 from tlt_jax.drafter.loss import drafter_loss, segment_positions, target_features
-from tlt_jax.drafter.train import make_optimizer, split_drafter, train_step
-from tlt_jax.errors import ConfigError, InputError
+from tlt_jax.core.optim import make_optimizer
+from tlt_jax.drafter.train import split_drafter, train_step
+from tlt_jax.core.errors import ConfigError, InputError
 from tlt_jax.models.drafter import Drafter
 
 H = 3  # feature channels of the hand-made batches: (token id, source row id + 100 x step, source position)
@@ -220,10 +221,10 @@ def test_packed_loss_equals_the_token_weighted_separate_losses():
     assert abs(float(unsegmented) - expected) > 1e-3
 
     # the jitted update takes the segments too; its metrics are those of the parameters before the update
-    dgraphdef, dparams, drest = split_drafter(drafter)
-    tgraphdef, tparams = nnx.split(model)
-    opt = make_optimizer(1e-3, 10)
-    dparams = jax.tree.map(jnp.copy, dparams)
-    _, _, met = train_step(dparams, drest, opt.init(dparams), tparams, *args[:3], segments=jnp.asarray(segments),
-                           dgraphdef=dgraphdef, tgraphdef=tgraphdef, optimizer=opt)
+    graphdef, params, frozen = split_drafter(drafter)
+    target_graphdef, target_params = nnx.split(model)
+    opt = make_optimizer(1e-3, warmup_steps=20, cosine_steps=10)
+    params = jax.tree.map(jnp.copy, params)
+    _, _, met = train_step(params, frozen, opt.init(params), target_params, *args[:3], segments=jnp.asarray(segments),
+                           drafter_graphdef=graphdef, target_graphdef=target_graphdef, optimizer=opt)
     np.testing.assert_allclose(float(met["loss"]), expected, rtol=0, atol=1e-5)

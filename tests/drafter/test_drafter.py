@@ -1,19 +1,15 @@
-"""The EAGLE drafter: shared embedding/head, training signal, checkpoints tied to their target, warm-up CLI."""
-
-import os
-import subprocess
-import sys
+"""The EAGLE drafter: shared embedding/head, training signal, checkpoints tied to their target (the warm-up
+command: tests/cli)."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from tests.helpers import tiny_model, train_drafter
-from tlt_jax.drafter.io import load_drafter, save_drafter
+from tlt_jax.io.drafter import load_drafter, save_drafter
 from tlt_jax.drafter.warmup import choose_draft_vocab
-from tlt_jax.errors import CheckpointError
+from tlt_jax.core.errors import CheckpointError
 from tlt_jax.models import Decoder
 from tlt_jax.models.drafter import Drafter
 
@@ -70,30 +66,3 @@ def test_save_load_roundtrip_and_other_target_rejected(tmp_path):
         load_drafter(str(tmp_path / "d"), bigger)
     with pytest.raises(CheckpointError, match="no checkpoint directory"):
         load_drafter(str(tmp_path / "missing"), model)
-
-
-@pytest.mark.slow
-def test_warmup_command_end_to_end(tmp_path):
-    """The warm-up CLI at toy settings on the real model: data, training, held-out acceptance, saved drafter."""
-    out = tmp_path / "drafter"
-    cmd = [sys.executable, "-m", "tlt_jax.drafter.warmup", "--config", "configs/smollm2_135m.py", "--out", str(out),
-           "--config.drafter.warmup.num_prompts=4", "--config.drafter.warmup.eval_prompts=2",
-           "--config.drafter.warmup.max_new_tokens=12", "--config.drafter.warmup.gen_batch=4",
-           "--config.drafter.warmup.steps=3", "--config.drafter.warmup.batch_size=2",
-           "--config.drafter.warmup.seq_len=128", "--config.drafter.draft_vocab=512"]
-    # a persistent XLA compilation cache shared by the two runs: the rerun loads the programs the first run compiled
-    # (the same executables) instead of compiling the 30-layer model's programs again
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla_cache"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert "acceptance length" in p.stdout and "saved drafter" in p.stdout
-    from tlt_jax.models.weights import load_checkpoint
-
-    _, model = load_checkpoint("embedded:smollm2")
-    drafter, meta = load_drafter(str(out), model)
-    assert drafter.draft_vocab_size == 512
-    assert meta["extra"]["accept_len_chain4_greedy"] >= 1.0
-    # a rerun reuses the generated data
-    p2 = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert p2.returncode == 0 and "reusing 4 answers" in p2.stdout

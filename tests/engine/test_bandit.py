@@ -5,7 +5,7 @@ import pytest
 
 from tlt_jax.engine.bandit import BucketBandit
 from tlt_jax.engine.pool import ProgramPool
-from tlt_jax.errors import ConfigError
+from tlt_jax.core.errors import ConfigError
 
 # Mean committed tokens per second of each (bucket, arm): the best arm differs per bucket.
 TABLE = {1: {"plain": 30.0, "chain-2": 36.0, "4_2_8": 50.0},

@@ -9,11 +9,14 @@ from flax import nnx
 from tests.helpers import tiny_model, train_drafter
 from tlt_jax.drafter.buffer import DrafterBuffer
 from tlt_jax.drafter.loss import target_features
-from tlt_jax.drafter.spot import SpotTrainer, constant_optimizer
+from tlt_jax.core.optim import make_optimizer
+from tlt_jax.core.shapes import next_pow2
+from tlt_jax.drafter.spot import SpotTrainer
 from tlt_jax.drafter.train import split_drafter
-from tlt_jax.engine import AdaptiveEngine, EngineConfig, make_replicas, next_pow2
-from tlt_jax.errors import ConfigError, InputError
-from tlt_jax.rollout import RolloutSpec, generate
+from tlt_jax.engine import AdaptiveEngine, EngineConfig
+from tlt_jax.parallel import make_replicas
+from tlt_jax.core.errors import ConfigError, InputError
+from tlt_jax.rollout import DrafterInput, RolloutSpec, generate
 
 SPEC = RolloutSpec(max_new_tokens=40, chunk_steps=4)
 
@@ -34,8 +37,8 @@ def _engine(model, drafter, replicas, devices, **kw):
     g = nnx.split(model)[0]
     dg = nnx.split(drafter)[0] if drafter is not None else None
     kw.setdefault("arms", ("chain-2", "3_2_5"))
-    ecfg = EngineConfig(replicas=replicas, sd_threshold=2, ngram_arms=("ngram:chain-2",), **kw)
-    return AdaptiveEngine(g, SPEC, ecfg, batch_size=8, cache_len=64, dgraphdef=dg, devices=devices)
+    config = EngineConfig(replicas=replicas, sd_threshold=2, ngram_arms=("ngram:chain-2",), **kw)
+    return AdaptiveEngine(g, SPEC, config, batch_size=8, cache_len=64, drafter_graphdef=dg, devices=devices)
 
 
 def test_buckets_and_replicas():
@@ -58,10 +61,11 @@ def test_compaction_and_arms_keep_greedy_outputs(setup, replicas, ndev, tensor):
     eng = _engine(model, drafter, replicas, jax.devices()[:ndev], replica_tensor=tensor)
     params, dstate = nnx.split(model)[1], nnx.split(drafter)[1]
     for use_drafter in (True, False):
-        out = eng.rollout(params, dstate, prompts, seed=0, use_drafter=use_drafter, max_new=max_new)
-        assert out.result.tokens == ref.tokens
-        assert list(out.result.finish_reasons) == list(ref.finish_reasons)
-        np.testing.assert_array_equal(out.result.lengths, ref.lengths)
+        out = eng.generate(params, prompts, seed=0, drafter=DrafterInput(dstate, proposes=use_drafter),
+                           max_new=max_new)
+        assert out.tokens == ref.tokens
+        assert list(out.finish_reasons) == list(ref.finish_reasons)
+        np.testing.assert_array_equal(out.lengths, ref.lengths)
         buckets = {d[3] for d in out.decisions if d[2] == "rollout"}
         assert min(buckets) < eng.top_bucket  # rows were compacted into smaller buckets
         arms = {d[4] for d in out.decisions if d[2] == "rollout" and d[3] <= 2}
@@ -82,7 +86,7 @@ def test_precompile_reports_the_pool(setup):
     with pytest.raises(ConfigError, match="max_programs"):
         small.precompile(nnx.split(model)[1], nnx.split(drafter)[1])
     with pytest.raises(InputError, match="8 rows"):
-        eng.rollout(nnx.split(model)[1], None, prompts[:4], seed=0)
+        eng.generate(nnx.split(model)[1], prompts[:4], seed=0)
 
 
 class _Recorder(SpotTrainer):
@@ -112,12 +116,13 @@ def test_spot_training_runs_only_on_finished_replicas(setup):
         lay[i, p:p + len(an)], ok[i, p:p + len(an)] = an, True
     feats = np.asarray(target_features(model, lay, ok))
     assert buf.add(0, lay, feats, ok, answer_start=p) > 0
-    dg, dparams, drest = split_drafter(drafter)
+    dg, dparams, frozen = split_drafter(drafter)
     before = jax.tree.map(np.asarray, dparams)
-    spot = _Recorder(dg, dparams, drest, nnx.split(model)[0], buf, constant_optimizer(1e-3), rows=2, seq_len=32)
+    spot = _Recorder(dg, dparams, frozen, nnx.split(model)[0], buf, make_optimizer(1e-3), rows=2, seq_len=32)
     spot.rl_step = 1
-    out = eng.rollout(nnx.split(model)[1], nnx.split(drafter)[1], prompts, seed=0, max_new=max_new, spot=spot)
-    assert out.result.tokens == ref.tokens  # training beside the rollout changes nothing in it
+    out = eng.generate(nnx.split(model)[1], prompts, seed=0, max_new=max_new,
+                       drafter=DrafterInput(nnx.split(drafter)[1], trainer=spot))
+    assert out.tokens == ref.tokens  # training beside the rollout changes nothing in it
     # every drafter step was decided for a replica with no live rows, after its rows were all done
     live_at = {}
     for chunk, rep, action, bucket, arm in out.decisions:
@@ -135,5 +140,6 @@ def test_spot_training_runs_only_on_finished_replicas(setup):
     assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)))
     # nothing eligible (the buffer holds only the current step): no drafter step is run
     spot.rl_step = 0
-    out = eng.rollout(nnx.split(model)[1], nnx.split(drafter)[1], prompts, seed=0, max_new=max_new, spot=spot)
-    assert out.stats["spot_steps"] == 0 and out.result.tokens == ref.tokens
+    out = eng.generate(nnx.split(model)[1], prompts, seed=0, max_new=max_new,
+                       drafter=DrafterInput(nnx.split(drafter)[1], trainer=spot))
+    assert out.stats["spot_steps"] == 0 and out.tokens == ref.tokens

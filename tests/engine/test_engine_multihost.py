@@ -29,10 +29,11 @@ def _target_spot_rollout(args):
 
     from tlt_jax.drafter.buffer import DrafterBuffer
     from tlt_jax.drafter.loss import target_features
-    from tlt_jax.drafter.spot import SpotTrainer, constant_optimizer
+    from tlt_jax.core.optim import make_optimizer
+    from tlt_jax.drafter.spot import SpotTrainer
     from tlt_jax.drafter.train import split_drafter
     from tlt_jax.engine import AdaptiveEngine, EngineConfig
-    from tlt_jax.rollout import RolloutSpec, generate
+    from tlt_jax.rollout import DrafterInput, RolloutSpec, generate
 
     model, drafter, prompts, nnx = _setup()
     spec = RolloutSpec(max_new_tokens=40, chunk_steps=4)
@@ -47,15 +48,16 @@ def _target_spot_rollout(args):
         lay[i, p:p + len(an)], ok[i, p:p + len(an)] = an, True
     buf = DrafterBuffer(capacity=64, window=64)
     buf.add(0, lay, np.asarray(jax.device_put(target_features(model, lay, ok), local[0])), ok, answer_start=p)
-    dg, dparams, drest = split_drafter(drafter)
-    spot = SpotTrainer(dg, dparams, drest, nnx.split(model)[0], buf, constant_optimizer(1e-3), rows=2, seq_len=32)
+    dg, dparams, frozen = split_drafter(drafter)
+    spot = SpotTrainer(dg, dparams, frozen, nnx.split(model)[0], buf, make_optimizer(1e-3), rows=2, seq_len=32)
     spot.rl_step = 1
-    ecfg = EngineConfig(replicas=2, sd_threshold=2, arms=("chain-2",), ngram_arms=("ngram:chain-2",))
-    eng = AdaptiveEngine(nnx.split(model)[0], spec, ecfg, batch_size=8, cache_len=64,
-                         dgraphdef=nnx.split(drafter)[0])
-    out = eng.rollout(nnx.split(model)[1], nnx.split(drafter)[1], prompts, seed=0, max_new=MAX_NEW, spot=spot)
+    config = EngineConfig(replicas=2, sd_threshold=2, arms=("chain-2",), ngram_arms=("ngram:chain-2",))
+    eng = AdaptiveEngine(nnx.split(model)[0], spec, config, batch_size=8, cache_len=64,
+                         drafter_graphdef=nnx.split(drafter)[0])
+    out = eng.generate(nnx.split(model)[1], prompts, seed=0, max_new=MAX_NEW,
+                       drafter=DrafterInput(nnx.split(drafter)[1], trainer=spot))
     digest = hashlib.sha256(b"".join(np.asarray(x).tobytes() for x in jax.tree.leaves(spot.params))).hexdigest()
-    return {"decisions": [list(d) for d in out.decisions], "tokens": out.result.tokens, "ref": ref.tokens,
+    return {"decisions": [list(d) for d in out.decisions], "tokens": out.tokens, "ref": ref.tokens,
             "local_replicas": [r.index for r in eng.replicas if r.local], "spot_steps": out.stats["spot_steps"],
             "trained": out.stats["drafter_replicas_trained"], "drafter": digest, "devices": jax.device_count()}
 

@@ -111,7 +111,7 @@ def test_impl_selection_by_platform():
 
 
 def test_config_rejects_unknown_attn_impl():
-    from tlt_jax.config import ConfigError, load_config
+    from tlt_jax.app.config import ConfigError, load_config
 
     assert load_config("tiny").model.attn_impl == "auto"
     with pytest.raises(ConfigError, match="model.attn_impl"):

@@ -6,7 +6,7 @@ import pytest
 
 from tests.models.hf_tiny import make_tiny_checkpoint
 from tlt_jax.models import init_cache, prefill
-from tlt_jax.models.weights import load_checkpoint
+from tlt_jax.io.weights import load_checkpoint
 from tlt_jax.rollout import RolloutSpec, generate
 
 

@@ -7,7 +7,7 @@ import torch
 
 from tests.models.hf_tiny import make_tiny_checkpoint
 from tlt_jax.models import decode, init_cache, prefill, verify
-from tlt_jax.models.weights import load_checkpoint
+from tlt_jax.io.weights import load_checkpoint
 
 pytestmark = pytest.mark.parity
 TOL = 1e-4

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from tlt_jax.models import init_cache, prefill
-from tlt_jax.models.tokenizer import chat_prompt_ids, load_tokenizer
-from tlt_jax.models.weights import embedded_gguf_path, load_gguf
+from tlt_jax.io.tokenizer import chat_prompt_ids, load_tokenizer
+from tlt_jax.io.weights import embedded_gguf_path, load_gguf
 from tlt_jax.rollout import RolloutSpec, generate
 
 pytestmark = [pytest.mark.parity, pytest.mark.slow]

@@ -9,12 +9,13 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from tlt_jax.config import load_config
-from tlt_jax.models.weights import model_from_config
+from tlt_jax.app.config import load_config
+from tlt_jax.app.build import model_from_config
+from tlt_jax.core.optim import make_optimizer
 from tlt_jax.parallel import sharding as shd
 from tlt_jax.parallel.mesh import make_mesh
 from tlt_jax.rl import grpo
-from tlt_jax.rl.trainer import Trainer
+from tlt_jax.app.trainer import Trainer
 from tests.rl.test_trainer import TINY_RL
 
 
@@ -40,7 +41,7 @@ def test_sharded_update_equals_the_single_device_update(fsdp, tensor):
     cfg = grpo.GRPOConfig(kl_coef=0.1)
     sgd = optax.sgd(1.0)  # new params = params - gradient: the comparison sees the gradient itself
     ref, _, ref_m = grpo.update_step(jax.tree.map(jnp.copy, params), sgd.init(params), grpo.TrainBatch(*host),
-                                     graphdef=graphdef, optimizer=sgd, cfg=cfg)
+                                     graphdef=graphdef, optimizer=sgd, config=cfg)
 
     mesh = make_mesh(config.mesh, jax.devices()[:8])
     pshard = shd.tree_shardings(params, mesh)
@@ -72,7 +73,7 @@ def test_opt_state_follows_the_parameter_layout():
     _, params = nnx.split(model)
     mesh = make_mesh(config.mesh, jax.devices()[:8])
     pshard = shd.tree_shardings(params, mesh)
-    opt = grpo.make_optimizer(1e-3)
+    opt = make_optimizer(1e-3)
     oshard = shd.opt_state_shardings(jax.eval_shape(opt.init, params), params, pshard, mesh)
     leaves = jax.tree.leaves(oshard)
     moments = [s for s in leaves if s.spec != P()]

@@ -5,12 +5,16 @@ import numpy as np
 import pytest
 
 from tests.helpers import tiny_model
-from tlt_jax.cli.inspect_model import inspect_config
-from tlt_jax.config import load_config
-from tlt_jax.errors import ConfigError
-from tlt_jax.parallel import make_mesh, shard_model
-from tlt_jax.parallel.mesh import mesh_shape_from_config
-from tlt_jax.rollout import RolloutSpec, generate
+from tlt_jax.app.config import load_config
+from tlt_jax.app.inspect import inspect_config
+from tlt_jax.core.errors import ConfigError
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from tlt_jax.models.drafter import Drafter
+from tlt_jax.parallel import PARAM_RULES, STATE_RULES, ShardingRule, make_mesh, shard_model, spec_for
+from tlt_jax.parallel.mesh import mesh_shape
+from tlt_jax.rollout import RolloutSpec, SpeculativeSpec, SpecStrategy, generate
 
 needs8 = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (fake) devices")
 
@@ -34,12 +38,46 @@ def test_sharded_greedy_rollout_equals_single_device(mesh):
     assert sharded.tokens == single.tokens
 
 
+@needs8
+@pytest.mark.parametrize("proposer,strategy", [("ngram", "chain-3"), ("eagle", "3_2_5")])
+def test_sharded_speculative_rollout_equals_single_device(proposer, strategy):
+    """Speculation on a mesh (rows over data x fsdp, heads over tensor) gives plain decoding's greedy answers."""
+    cfg, model = tiny_model()
+    c = load_config("tiny", ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])
+    rng = np.random.RandomState(1)
+    ps = [rng.randint(0, 256, 3 + 2 * i).tolist() for i in range(8)]
+    spec = RolloutSpec(max_new_tokens=12, chunk_steps=4)
+    single = generate(model, ps, spec)
+    m = make_mesh(c.mesh)
+    drafter = Drafter(cfg, nnx.Rngs(3)) if proposer == "eagle" else None
+    speculation = SpeculativeSpec(SpecStrategy.parse(strategy), proposer=proposer)
+    sharded = generate(shard_model(model, m), ps, spec, speculation=speculation, drafter=drafter, mesh=m)
+    assert sharded.tokens == single.tokens
+    assert sharded.accept_len is not None and sharded.accept_len >= 1.0
+
+
+def test_sharding_rules_match_whole_paths_first_rule_wins():
+    m = make_mesh({"data": 1, "fsdp": 4, "tensor": 2}, jax.devices()[:8])
+    assert spec_for("layers.3.self_attn.q_proj.kernel", (64, 64), m) == P("fsdp", "tensor")
+    assert spec_for("layers.3.input_layernorm.scale", (64,), m) == P(None)  # the explicit catch-all
+    # a whole-path match: a name that merely contains a rule's pattern is not taken by it
+    assert spec_for("extra.lm_head.kernel.copy", (64, 64), m) == P(None, None)
+    rules = (ShardingRule(r"w", ("fsdp",)), ShardingRule(r"w", ("tensor",)), ShardingRule(r".*", ()))
+    assert spec_for("w", (8,), m, rules) == P("fsdp")  # first match wins (the second would give tensor)
+    with pytest.raises(ConfigError, match="no sharding rule matches 'bias'"):
+        spec_for("bias", (8,), m, PARAM_RULES[:-1])  # no catch-all: a miss is an error, never a silent replica
+    # rollout states: caches by row and head, the RNG key replicated, every other leaf by row
+    assert spec_for("cache.k.0", (8, 2, 16, 4), m, STATE_RULES) == P(("data", "fsdp"), "tensor", None, None)
+    assert spec_for("rng", (2,), m, STATE_RULES) == P(None)
+    assert spec_for("num_tokens", (8,), m, STATE_RULES) == P(("data", "fsdp"))
+
+
 def test_mesh_that_does_not_fit():
     with pytest.raises(ConfigError, match="does not fit the 8 available devices"):
-        mesh_shape_from_config({"data": 2, "fsdp": 2, "tensor": 4}, 8)
+        mesh_shape({"data": 2, "fsdp": 2, "tensor": 4}, 8)
     with pytest.raises(ConfigError, match="do not divide"):
-        mesh_shape_from_config({"data": 3, "fsdp": -1, "tensor": 1}, 8)
-    assert mesh_shape_from_config({"data": 2, "fsdp": -1, "tensor": 2}, 8) == (2, 2, 2)
+        mesh_shape({"data": 3, "fsdp": -1, "tensor": 1}, 8)
+    assert mesh_shape({"data": 2, "fsdp": -1, "tensor": 2}, 8) == (2, 2, 2)
 
 
 @needs8

@@ -5,6 +5,7 @@ import pytest
 from flax import nnx
 
 from tests.helpers import tiny_model
+from tlt_jax.core.optim import make_optimizer
 from tlt_jax.rl import grpo
 
 
@@ -92,12 +93,12 @@ def _train_setup(adv):
 
 def test_updates_raise_the_likelihood_of_advantaged_answers():
     graphdef, params, batch = _train_setup([1.0, 1.0, -1.0, -1.0])
-    opt = grpo.make_optimizer(1e-3)
+    opt = make_optimizer(1e-3)
     state = opt.init(params)
     cfg = grpo.GRPOConfig()
     before = np.asarray(batch.old_logp.sum(1))
     for _ in range(5):
-        params, state, m = grpo.update_step(params, state, batch, graphdef=graphdef, optimizer=opt, cfg=cfg)
+        params, state, m = grpo.update_step(params, state, batch, graphdef=graphdef, optimizer=opt, config=cfg)
         assert float(m["skipped"]) == 0 and np.isfinite(float(m["grad_norm"]))
     after, _, _ = grpo.logprob_forward(params, batch.tokens, batch.valid, graphdef=graphdef, num_answer=8,
                                        temperature=1.0)
@@ -107,7 +108,7 @@ def test_updates_raise_the_likelihood_of_advantaged_answers():
 
 def test_a_nan_loss_skips_the_update():
     graphdef, params, batch = _train_setup([1.0, np.nan, -1.0, 0.0])
-    opt = grpo.make_optimizer(1e-3)
+    opt = make_optimizer(1e-3)
     state = opt.init(params)
     before = jax.tree.map(np.asarray, params)
     state_before = jax.tree.map(np.asarray, state)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from tests.rl.test_trainer import tiny_rl_args
-from tlt_jax import checkpoint
+from tlt_jax.io import checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # One prompt (x 4 answers) per step: 2 rows per replica, so buckets [2, 1] and 8 compiled rollout programs, not 12.
@@ -117,8 +117,8 @@ def test_a_write_that_hits_a_size_limit_is_a_clear_error(tmp_path):
     script = textwrap.dedent(f"""
         import resource, signal
         import numpy as np
-        from tlt_jax import checkpoint
-        from tlt_jax.errors import CheckpointError
+        from tlt_jax.io import checkpoint
+        from tlt_jax.core.errors import CheckpointError
         d = {str(tmp_path / 'ck')!r}
         checkpoint.save(d, 1, {{"w": {{"a": np.ones((16,), np.float32)}}}}, {{"step": 1}})
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)

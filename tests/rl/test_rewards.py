@@ -3,7 +3,8 @@ import warnings
 import pytest
 
 from tests.rl import reward_fns
-from tlt_jax.rl.rewards import last_boxed, math_rewards, safe_rewards
+from tlt_jax.data.answers import last_boxed
+from tlt_jax.rl.rewards import math_rewards, safe_rewards
 
 
 def test_last_boxed_takes_the_last_balanced_box():

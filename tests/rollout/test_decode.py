@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from tests.helpers import tiny_model
-from tlt_jax.errors import InputError
+from tlt_jax.core.errors import InputError
 from tlt_jax.models import init_cache, prefill
 from tlt_jax.rollout import RolloutSpec, SamplingParams, generate
 from tlt_jax.rollout.sampling import sampling_logprobs

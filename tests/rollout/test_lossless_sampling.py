@@ -14,12 +14,13 @@ import pytest
 from flax import nnx
 
 from tests.helpers import train_drafter
-from tlt_jax.config import load_config, model_config_from_arch
+from tlt_jax.app.config import load_config
+from tlt_jax.app.specs import model_config
 from tlt_jax.models import Decoder
 from tlt_jax.models.drafter import Drafter
-from tlt_jax.rollout import RolloutSpec, SamplingParams, sampling_logprobs
+from tlt_jax.rollout import RolloutSpec, SamplingParams, generate, sampling_logprobs
 from tlt_jax.rollout import acceptance
-from tlt_jax.rollout.speculative import SpeculativeSpec, generate_speculative
+from tlt_jax.rollout.speculative import SpeculativeSpec
 from tlt_jax.rollout.tree import SpecStrategy
 
 VOCAB = 8
@@ -30,7 +31,7 @@ SAMPLINGS = {"T1": SamplingParams(temperature=1.0), "T0.7_p0.9": SamplingParams(
 
 @functools.lru_cache(maxsize=None)
 def _setup():
-    cfg = model_config_from_arch(load_config("tiny", [f"model.arch.vocab_size={VOCAB}"]))
+    cfg = model_config(load_config("tiny", [f"model.arch.vocab_size={VOCAB}"]))
     model = Decoder(cfg, nnx.Rngs(11))
     rng = np.random.default_rng(0)
     prompts = [PROMPT] + [rng.integers(0, VOCAB, size=4).tolist() for _ in range(31)]
@@ -67,9 +68,9 @@ def chi_square_p(counts, probs, min_expected=5.0):
 
 def sample_counts(model, drafter, sampling, strategy, rule="exact", seed=0):
     spec = RolloutSpec(max_new_tokens=3, sampling=sampling, chunk_steps=4)
-    out = generate_speculative(model, [PROMPT] * N, spec,
-                               SpeculativeSpec(SpecStrategy.parse(strategy), acceptance=rule), drafter, seed=seed)
-    toks = np.asarray(out.result.tokens)
+    speculation = SpeculativeSpec(SpecStrategy.parse(strategy), acceptance=rule)
+    out = generate(model, [PROMPT] * N, spec, speculation=speculation, drafter=drafter, seed=seed)
+    toks = np.asarray(out.tokens)
     assert toks.shape == (N, 3)
     counts = np.zeros((VOCAB,) * 3, np.int64)
     np.add.at(counts, (toks[:, 0], toks[:, 1], toks[:, 2]), 1)

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tlt_jax.errors import ConfigError
+from tlt_jax.core.errors import ConfigError
 from tlt_jax.rollout.sampling import SamplingParams, inverse_cdf, sample, sampling_logprobs
 
 

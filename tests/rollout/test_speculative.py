@@ -7,13 +7,14 @@ import pytest
 from flax import nnx
 
 from tests.helpers import train_drafter
-from tlt_jax.config import load_config, model_config_from_arch
-from tlt_jax.errors import ConfigError, InputError
+from tlt_jax.app.config import load_config
+from tlt_jax.app.specs import model_config
+from tlt_jax.core.errors import ConfigError, InputError
 from tlt_jax.models import Decoder
 from tlt_jax.models.drafter import Drafter
 from tlt_jax.rollout import RolloutSpec, generate
 from tlt_jax.rollout.ngram import propose_ngram
-from tlt_jax.rollout.speculative import SpeculativeSpec, generate_speculative, grow_tree
+from tlt_jax.rollout.speculative import SpeculativeSpec, grow_tree
 from tlt_jax.rollout.tree import SpecStrategy, ancestor_mask
 
 
@@ -66,7 +67,7 @@ def _tiny(dtype="float32", vocab=None, seed=0):
     over = [f"model.dtype={dtype}", f"model.param_dtype={dtype}"]
     if vocab:
         over.append(f"model.arch.vocab_size={vocab}")
-    cfg = model_config_from_arch(load_config("tiny", over))
+    cfg = model_config(load_config("tiny", over))
     return Decoder(cfg, nnx.Rngs(seed))
 
 
@@ -106,13 +107,13 @@ def test_bad_input_errors(tmp_path):
     spec = RolloutSpec(max_new_tokens=8)
     prompts = [[1, 2, 3, 4, 5, 6]]
     with pytest.raises(InputError, match="does not fit a KV cache"):
-        generate_speculative(model, prompts, spec, SpeculativeSpec(SpecStrategy.parse("8_4_32")),
-                             Drafter(model.cfg, nnx.Rngs(0)), cache_len=32)
+        generate(model, prompts, spec, speculation=SpeculativeSpec(SpecStrategy.parse("8_4_32")),
+                 drafter=Drafter(model.cfg, nnx.Rngs(0)), cache_len=32)
     with pytest.raises(InputError, match="needs a drafter"):
-        generate_speculative(model, prompts, spec, SpeculativeSpec())
+        generate(model, prompts, spec, speculation=SpeculativeSpec())
     other = Decoder(model.cfg.replace(hidden_size=32, intermediate_size=64), nnx.Rngs(0))
     with pytest.raises(InputError, match="another target"):
-        generate_speculative(model, prompts, spec, SpeculativeSpec(), Drafter(other.cfg, nnx.Rngs(0)))
+        generate(model, prompts, spec, speculation=SpeculativeSpec(), drafter=Drafter(other.cfg, nnx.Rngs(0)))
 
 
 def _prompts(vocab, sizes, seed=0):
@@ -145,11 +146,11 @@ def test_greedy_speculative_equals_plain_float64():
                 # a chain and a tree for each drafter (each strategy is its own compiled program: the bulk of the time)
                 strategies = ["chain-4", "4_3_10"] if prop == "eagle" else ["chain-4"]
                 for strat in strategies:
-                    sspec = SpeculativeSpec(SpecStrategy.parse(strat), proposer=prop)
-                    out = generate_speculative(model, prompts, spec, sspec, drafter, max_new=lim)
-                    assert out.result.tokens == ref.tokens, (name, strat)
-                    assert out.result.finish_reasons == ref.finish_reasons, (name, strat)
-                    for a, b in zip(out.result.logprobs, ref.logprobs):
+                    speculation = SpeculativeSpec(SpecStrategy.parse(strat), proposer=prop)
+                    out = generate(model, prompts, spec, speculation=speculation, drafter=drafter, max_new=lim)
+                    assert out.tokens == ref.tokens, (name, strat)
+                    assert out.finish_reasons == ref.finish_reasons, (name, strat)
+                    for a, b in zip(out.logprobs, ref.logprobs):
                         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)  # stored as float32
                     accept[(name, strat, lim is None)] = out.accept_len
         # the warmed drafter really speculates (long accepted runs), the bad one barely

@@ -7,7 +7,7 @@ import os
 import platform
 from typing import Dict, List, Sequence
 
-from tlt_jax import jsonio
+from tlt_jax.core import jsonio
 
 BENCH_QUESTIONS = (
     "What is 12 + 35?",

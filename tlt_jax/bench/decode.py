@@ -15,6 +15,14 @@ import argparse
 import os
 import time
 
+import numpy as np
+
+from tlt_jax.bench.common import machine_info, print_table, questions, write_json
+from tlt_jax.io.tokenizer import chat_prompt_ids, load_tokenizer
+from tlt_jax.io.weights import embedded_gguf_path, load_gguf
+from tlt_jax.rollout.decode import RolloutSpec, pad_prompts
+from tlt_jax.rollout.host import generate
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -29,14 +37,8 @@ def main(argv=None) -> int:
     if args.repeats < 1:
         ap.error(f"--repeats must be >= 1, got {args.repeats}")
 
-    import numpy as np
-    import torch
+    import torch  # the PyTorch reference: the test extra, not a runtime dependency
     import transformers
-
-    from tlt_jax.bench.common import machine_info, print_table, questions, write_json
-    from tlt_jax.models.tokenizer import chat_prompt_ids, load_tokenizer
-    from tlt_jax.models.weights import embedded_gguf_path, load_gguf
-    from tlt_jax.rollout import RolloutSpec, generate, pad_prompts
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -29,16 +29,33 @@ engine's ``accept_len``). Last, with the adaptive run's final policy and drafter
 same rollout is timed with and without spot training, alternating (``spot_overhead``: the rollout-time cost
 of training the drafter on idle replicas of a shared device).
 
-The warmed drafter comes from ``python -m tlt_jax.drafter.warmup --config <config>`` (required).
+The warmed drafter comes from ``tlt-warmup --config <config>`` (required).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
+
+import jax
+from flax import nnx
+
+from tlt_jax.app import build, specs
+from tlt_jax.app.config import load_config
+from tlt_jax.app.trainer import Trainer
+from tlt_jax.bench.common import machine_info, print_table, write_json
+from tlt_jax.core import jsonio
+from tlt_jax.core.shapes import round_up
+from tlt_jax.parallel.mesh import apply_cpu_devices
+from tlt_jax.rollout.host import DrafterInput
+from tlt_jax.rollout.speculative import SpeculativeSpec
+from tlt_jax.rollout.tree import SpecStrategy
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -79,12 +96,6 @@ def main(argv=None) -> int:
         ap.error(f"unrecognised arguments: {unknown}")
     if args.worker:
         return _worker(args, overrides)
-
-    import json
-    import subprocess
-    import sys
-
-    from tlt_jax.bench.common import machine_info, print_table, write_json
 
     # Each mode runs in its own process, one after the other: a mode's device layout (mesh.cpu_devices) is fixed
     # when JAX starts, and the baseline (no replicas) gets the whole host as one device, its fastest layout.
@@ -142,24 +153,16 @@ def main(argv=None) -> int:
 
 
 def _worker(args, overrides) -> int:
-    from flax import nnx
-
-    from tlt_jax import jsonio
-    from tlt_jax.config import load_config
-    from tlt_jax.parallel.mesh import apply_cpu_devices
-    from tlt_jax.rl.trainer import Trainer
 
     mode = args.worker
     steps = args.steps if mode in ("baseline", "tlt_base") else args.adaptive_steps
     base = ["tlt.adaptive=True", "train.plots=False", "train.tensorboard=False", f"train.checkpoint_every={steps + 1}"]
     config = load_config(args.config, base + overrides + mode_overrides(mode) + [f"rl.steps={steps}"])
-    apply_cpu_devices(config)  # before anything starts JAX
+    apply_cpu_devices(specs.cpu_devices(config))  # before anything starts JAX
     if mode in ("tlt", "frozen"):
-        from tlt_jax.drafter.warmup import default_drafter_dir
-
-        if not os.path.isdir(default_drafter_dir(config)):
-            raise SystemExit(f"no warmed drafter in {default_drafter_dir(config)}: run "
-                             f"python -m tlt_jax.drafter.warmup --config {args.config} first")
+        if not os.path.isdir(build.default_drafter_dir(config)):
+            raise SystemExit(f"no warmed drafter in {build.default_drafter_dir(config)}: run "
+                             f"tlt-warmup --config {args.config} first")
     print(f"\n=== {mode}: {steps} RL steps ({' '.join(mode_overrides(mode))})", flush=True)
     rows, extra = [], {}
     workdir = tempfile.mkdtemp(prefix=f"tlt_bench_{mode}_")
@@ -172,13 +175,11 @@ def _worker(args, overrides) -> int:
         widths = {}  # one untimed rollout per prompt width the steps will see (compiles its prefill)
         for s in range(steps):
             batch = [trainer.prompt_ids[i] for i in trainer.prompt_indices(s) for _ in range(g)]
-            widths.setdefault(-(-max(len(p) for p in batch) // 8), batch)
-        spot, trainer.spot = trainer.spot, None  # warm-up rollouts train nothing
+            widths.setdefault(round_up(max(len(p) for p in batch), 8), batch)
         for batch in widths.values():
-            trainer.rollout(batch, seed=12345)
-        trainer.spot = spot
+            trainer.rollout(batch, seed=12345, train_drafter=False)  # warm-up rollouts train nothing
         print(f"[bench] {mode}: compiled and warmed up in {time.perf_counter() - t0:.1f}s on "
-              f"{len(__import__('jax').devices())} device(s)", flush=True)
+              f"{len(jax.devices())} device(s)", flush=True)
 
         def on_step(m):
             row = {"mode": mode, "step": int(m["step"]), "rollout_s": float(m["time_rollout"]),
@@ -212,23 +213,12 @@ def probe_accept(trainer, step: int) -> float:
     current policy, chain-4, the rollout's sampling settings, a fixed seed. The engine's own acceptance length
     mixes in the chunks its bandit decoded plainly; this measures the drafter alone, the same way for every
     mode and step."""
-    import jax
-    import numpy as np
-    from flax import nnx
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-    from tlt_jax.parallel import sharding as shd
-    from tlt_jax.rollout.speculative import SpeculativeSpec, generate_speculative
-    from tlt_jax.rollout.tree import SpecStrategy
-
     # policy (on the training mesh) and drafter (where the spot trainer averaged it) onto one local device
-    one = NamedSharding(Mesh(np.asarray(jax.local_devices()[:1]), ("data",)), PartitionSpec())
-    model = nnx.merge(trainer.graphdef, shd.to_mesh(trainer.params, one))
-    dgraph, dstate = nnx.split(trainer.drafter)
-    drafter = nnx.merge(dgraph, shd.to_mesh(dstate, one))
+    probe = build.fixed_rollout(trainer.config, trainer.graphdef, trainer.model_cfg, trainer.spec,
+                                speculation=SpeculativeSpec(SpecStrategy(depth=4)), drafter=trainer.drafter,
+                                mesh=build.one_device_mesh())
     prompts = [trainer.prompt_ids[i] for i in trainer.prompt_indices(step)]
-    out = generate_speculative(model, prompts, trainer.spec, SpeculativeSpec(SpecStrategy(depth=4)), drafter,
-                               seed=4242, cache_len=int(trainer.config.rollout.cache_len) or None)
+    out = probe.generate(trainer.params, prompts, seed=4242, drafter=DrafterInput(nnx.split(trainer.drafter)[1]))
     return out.accept_len
 
 
@@ -242,13 +232,11 @@ def _spot_overhead(trainer, reps: int) -> float:
     times = {True: [], False: []}
     for _ in range(reps):
         for with_spot in (False, True):
-            trainer.spot = spot if with_spot else None
             t0 = time.perf_counter()
-            trainer.rollout(prompts, seed=777)
+            trainer.rollout(prompts, seed=777, train_drafter=with_spot)
             times[with_spot].append(time.perf_counter() - t0)
             spot.params, spot.opt_state, spot.total_steps = saved  # measuring must not train the drafter
-    trainer.spot = spot
-    trainer._sync_drafter()
+    trainer.online.sync()
     ratio = sum(times[True]) / sum(times[False])
     print(f"[bench] spot training overhead: rollout {sum(times[True]) / reps:.2f}s with, "
           f"{sum(times[False]) / reps:.2f}s without ({ratio:.3f}x)", flush=True)

@@ -5,10 +5,10 @@
         [--min-rows 4] [--verify-sizes auto]
 
 Target: SmolLM2-135M-Instruct (embedded GGUF, float32) with the drafter saved by
-``python -m tlt_jax.drafter.warmup --config configs/smollm2_135m.py`` (``--drafter`` or the default
-directory). Prompts: held-out task prompts (the same generator as the warm-up, another seed). Every row stops
-at its EOS or after ``--new-tokens`` tokens. For each (batch, temperature) the plain rollout and every
-strategy run the same prompts with the same seed; each is run twice and the second, fully compiled, run is timed.
+``tlt-warmup --config configs/smollm2_135m.py`` (``--drafter`` or the default directory). Prompts: held-out
+task prompts (the same generator as the warm-up, another seed). Every row stops at its EOS or after
+``--new-tokens`` tokens. For each (batch, temperature) the plain rollout and every strategy run the same prompts
+with the same seed; each is run twice and the second, fully compiled, run is timed.
 A batch smaller than ``--min-rows`` (default 4) runs that many rows as disjoint groups one after the other (batch
 1: four prompts, one at a time), so a single short answer does not decide a cell.
 
@@ -29,6 +29,26 @@ import functools
 import os
 import time
 
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from tlt_jax.app import build
+from tlt_jax.app.config import load_config
+from tlt_jax.bench.common import machine_info, print_table, write_json
+from tlt_jax.core.errors import CheckpointError
+from tlt_jax.core.seeds import stream_seed
+from tlt_jax.core.shapes import round_up
+from tlt_jax.drafter.warmup import build_prompts
+from tlt_jax.io.drafter import load_drafter
+from tlt_jax.models.decoder import causal_mask, decode, prefill, verify
+from tlt_jax.models.kv_cache import init_cache
+from tlt_jax.rollout.decode import RolloutSpec
+from tlt_jax.rollout.host import generate
+from tlt_jax.rollout.sampling import SamplingParams
+from tlt_jax.rollout.speculative import SpeculativeSpec
+from tlt_jax.rollout.tree import SpecStrategy
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -48,48 +68,35 @@ def main(argv=None) -> int:
                          "'auto' (1 and every strategy's V) or '' (skip)")
     args = ap.parse_args(argv)
 
-    import numpy as np
-
-    from tlt_jax.bench.common import machine_info, print_table, write_json
-    from tlt_jax.config import load_config
-    from tlt_jax.drafter.io import load_drafter
-    from tlt_jax.drafter.warmup import build_prompts, default_drafter_dir
-    from tlt_jax.errors import CheckpointError
-    from tlt_jax.models.tokenizer import load_tokenizer, stop_token_ids
-    from tlt_jax.models.weights import model_from_config
-    from tlt_jax.rollout import RolloutSpec, SamplingParams, generate
-    from tlt_jax.rollout.speculative import SpeculativeSpec, generate_speculative
-    from tlt_jax.rollout.tree import SpecStrategy
-
     config = load_config("smollm2_135m")
-    _, model = model_from_config(config)
-    tokenizer = load_tokenizer(config.model.checkpoint)
-    stops = tuple(stop_token_ids(tokenizer, config.rollout.stop_strings))
+    _, model = build.model_from_config(config)
+    tokenizer = build.tokenizer_from_config(config, "the benchmark")
+    stops = build.stop_tokens(config, tokenizer)
     strategies = []
     for s in args.strategies.split(","):
         proposer, _, name = s.rpartition(":")
         strategies.append((s, SpeculativeSpec(SpecStrategy.parse(name), proposer=proposer or "eagle")))
     drafter, meta = None, {}
-    if any(ss.proposer == "eagle" for _, ss in strategies):
-        ddir = args.drafter or default_drafter_dir(config)
+    if any(sp.proposer == "eagle" for _, sp in strategies):
+        ddir = args.drafter or build.default_drafter_dir(config)
         try:
             drafter, meta = load_drafter(ddir, model)
         except (CheckpointError, FileNotFoundError) as e:
             raise SystemExit(f"no usable drafter at {ddir} ({e}); run "
-                             f"`python -m tlt_jax.drafter.warmup --config configs/smollm2_135m.py` first")
+                             f"`tlt-warmup --config configs/smollm2_135m.py` first")
         print(f"drafter from {ddir} (warm-up acceptance {meta.get('extra', {}).get('accept_len_chain4_greedy')})",
               flush=True)
     w = config.drafter.warmup
     batches = [int(b) for b in args.batches.split(",")]
-    all_prompts = build_prompts(tokenizer, max(max(batches), args.min_rows), int(w.data_seed) + 5000,
-                                config.job.system_prompt or None)
+    all_prompts = build_prompts(tokenizer, max(max(batches), args.min_rows),
+                                stream_seed(int(w.data_seed), "bench_prompts"), config.job.system_prompt or None)
 
     rows = []
     for temp in [float(t) for t in args.temperatures.split(",")]:
         spec = RolloutSpec(max_new_tokens=args.new_tokens, stop_tokens=stops, chunk_steps=16,
                            sampling=SamplingParams(temperature=temp))
         for b in batches:
-            groups = [all_prompts[i * b:(i + 1) * b] for i in range(max(1, -(-args.min_rows // b)))]
+            groups = [all_prompts[i * b:(i + 1) * b] for i in range(max(1, round_up(args.min_rows, b) // b))]
 
             def timed(fn):
                 """Runs every group (the first run of each also compiles, untimed); returns (outputs, seconds)."""
@@ -106,25 +113,26 @@ def main(argv=None) -> int:
             plain_tok_s = plain_tok / plain_s
             print(f"T={temp:g} batch {b} ({len(groups)} group(s)): plain {plain_tok} tokens, {plain_tok_s:.1f} tok/s",
                   flush=True)
-            for label, sspec in strategies:
-                outs, sec = timed(lambda g: generate_speculative(model, g, spec, sspec, drafter, seed=args.seed))
-                ntok = sum(int(o.result.lengths.sum()) for o in outs)
-                committed = sum(int(o.result.lengths.sum()) - len(o.result.lengths) for o in outs)
+            for label, speculation in strategies:
+                outs, sec = timed(lambda g: generate(model, g, spec, speculation=speculation, drafter=drafter,
+                                                     seed=args.seed))
+                ntok = sum(int(o.lengths.sum()) for o in outs)
+                committed = sum(int(o.lengths.sum()) - len(o.lengths) for o in outs)
                 forwards = sum(int(o.verifies.sum()) for o in outs)
                 same = None
                 if temp == 0.0:  # lossless: greedy answers must be the plain ones
-                    same = all(a == p for o, pl in zip(outs, plain) for a, p in zip(o.result.tokens, pl.tokens))
+                    same = all(a == p for o, pl in zip(outs, plain) for a, p in zip(o.tokens, pl.tokens))
                 accept = committed / forwards if forwards else 0.0
                 row = {"strategy": label, "batch": b, "temperature": temp, "accept_len": round(accept, 3),
                        "tok_s": round(ntok / sec, 2), "plain_tok_s": round(plain_tok_s, 2),
                        "speedup": round((ntok / sec) / plain_tok_s, 3), "tokens": ntok, "plain_tokens": plain_tok,
                        "groups": len(groups), "same_as_plain": same,
-                       "verify_tokens": sspec.strategy.num_verify}
+                       "verify_tokens": speculation.strategy.num_verify}
                 rows.append(row)
                 print(f"  {label:>14}: accept {row['accept_len']:.2f}  {row['tok_s']:.1f} tok/s  "
                       f"x{row['speedup']:.2f}" + ("" if same is None else f"  same={same}"), flush=True)
     if args.verify_sizes == "auto":
-        sizes = sorted({1} | {ss.strategy.num_verify for _, ss in strategies})
+        sizes = sorted({1} | {sp.strategy.num_verify for _, sp in strategies})
     else:
         sizes = [int(v) for v in args.verify_sizes.split(",") if v]
     cost = verify_cost(model, sizes) if sizes else []
@@ -146,13 +154,6 @@ def verify_cost(model, sizes, prefix: int = 96, steps: int = 8, repeats: int = 5
     the speculative speedup is roughly accept_len x decode_ms / (verify_ms + drafting), so this ratio says how
     much acceptance a machine needs before speculation pays.
     """
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from tlt_jax.models.decoder import decode, prefill, verify
-    from tlt_jax.models.kv_cache import init_cache
-
     graphdef, params = nnx.split(model)
     cache = init_cache(model.cfg, 1, prefix + steps + 64)
     _, _, cache = prefill(model, jnp.ones((1, prefix), jnp.int32), jnp.ones((1, prefix), bool), cache)
@@ -172,7 +173,7 @@ def verify_cost(model, sizes, prefix: int = 96, steps: int = 8, repeats: int = 5
     def ver(p, c, t, v):
         m = nnx.merge(graphdef, p)
         pos = c.lengths[:, None] + jnp.arange(v, dtype=jnp.int32)[None]
-        mask = jnp.tril(jnp.ones((v, v), bool))[None]
+        mask = causal_mask(v)[None]
 
         def body(_, t):
             logits, _, _ = verify(m, t, pos, mask, c)

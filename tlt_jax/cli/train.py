@@ -18,6 +18,11 @@ import os
 import sys
 import time
 
+import jax
+
+from tlt_jax.app.trainer import Trainer, step_line
+from tlt_jax.cli.common import config_main
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -28,16 +33,10 @@ def _arguments(ap) -> None:
 
 
 def main(argv=None) -> int:
-    from tlt_jax.cli.common import config_main
-
     return config_main("tlt-train", __doc__, _arguments, run, argv, distributed=True)
 
 
 def run(config, args) -> int:
-    import jax
-
-    from tlt_jax.rl.trainer import Trainer
-
     t0 = time.perf_counter()
     print(f"[tlt] config {config.name}: GRPO for {config.rl.steps} steps ({config.rl.prompts_per_step} prompts x "
           f"{config.rl.group_size} answers) on {len(jax.devices())} {jax.devices()[0].platform} device(s); "
@@ -45,7 +44,7 @@ def run(config, args) -> int:
     trainer = Trainer(config, args.workdir, resume=args.resume, log=lambda m: print(m, flush=True))
     if trainer.step < int(config.rl.steps):
         trainer.precompile()  # the adaptive engine's programs, ahead of the first rollout
-    history = trainer.run(progress=not args.no_progress, on_step=_print_step if args.no_progress else None)
+    history = trainer.run(progress=not args.no_progress, on_step=print_step if args.no_progress else None)
     wall = time.perf_counter() - t0
     if not history:
         print("[tlt] nothing to do: the run is already complete", flush=True)
@@ -65,11 +64,8 @@ def run(config, args) -> int:
     return 0
 
 
-def _print_step(m) -> None:
-    from tlt_jax.jsonio import json_line
-
-    line = json_line({k: round(v, 4) if isinstance(v, float) else v for k, v in m.items() if k != "step"})
-    print(f"[tlt] step {m['step']}: " + line, end="", flush=True)
+def print_step(metrics) -> None:
+    print(step_line(metrics), end="", flush=True)
 
 
 if __name__ == "__main__":

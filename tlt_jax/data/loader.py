@@ -15,7 +15,9 @@ from __future__ import annotations
 import os
 from typing import Any, List, NamedTuple, Sequence
 
-from tlt_jax.errors import DataError
+from tlt_jax.core.errors import DataError
+from tlt_jax.data.answers import last_boxed
+from tlt_jax.data.tasks import arithmetic_problems
 
 ANSWER_FORMATS = ("raw", "gsm8k", "boxed")
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -47,8 +49,6 @@ def _question_text(q: Any) -> str:
 
 
 def gold_answer(raw: Any, answer_format: str) -> str:
-    from tlt_jax.rl.rewards import last_boxed
-
     text = str(raw).strip()
     if answer_format == "gsm8k":
         if "####" not in text:
@@ -91,8 +91,6 @@ def load_examples(source: str, *, subset: str = "", split: str = "train", questi
     if answer_format not in ANSWER_FORMATS:
         raise DataError(f"answer_format must be one of {ANSWER_FORMATS}, got {answer_format!r}")
     if source == "arithmetic":
-        from tlt_jax.data.tasks import arithmetic_problems
-
         n = limit if limit > 0 else 10_000
         return [Example(p.question, str(p.answer)) for p in arithmetic_problems(n, seed, mean_terms)]
     ds = _load_dataset(source, subset, split)

@@ -10,6 +10,8 @@ from typing import List, NamedTuple
 
 import numpy as np
 
+from tlt_jax.core.seeds import numpy_stream
+
 INSTRUCTION = "End your answer with the result in the form \\boxed{result}."
 
 
@@ -33,5 +35,5 @@ def make_problem(rng: np.random.Generator, mean_terms: float = 3.0, max_terms: i
 
 def arithmetic_problems(n: int, seed: int = 0, mean_terms: float = 3.0) -> List[Problem]:
     """``n`` problems; the same (n, seed) always gives the same list."""
-    rng = np.random.default_rng([seed, 7919])
+    rng = numpy_stream(seed, "arithmetic")
     return [make_problem(rng, mean_terms) for _ in range(n)]

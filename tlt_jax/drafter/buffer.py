@@ -18,7 +18,7 @@ from typing import List, NamedTuple, Optional
 
 import numpy as np
 
-from tlt_jax.errors import ConfigError, InputError
+from tlt_jax.core.errors import ConfigError, InputError
 
 
 class PackedBatch(NamedTuple):

@@ -20,7 +20,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from tlt_jax.models.decoder import Decoder
+from tlt_jax.models.decoder import Decoder, causal_mask, padded_causal_mask
 from tlt_jax.models.drafter import Drafter
 
 REG_WEIGHT = 1.0
@@ -36,7 +36,7 @@ def target_features(model: Decoder, tokens: jax.Array, valid: jax.Array) -> jax.
     """Final-norm hidden states [B, L, H] of right-padded sequences (one causal forward, no cache)."""
     b, l = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32)[None], (b, l))
-    mask = jnp.tril(jnp.ones((l, l), bool))[None] & (valid[:, None, :] | jnp.eye(l, dtype=bool)[None])
+    mask = padded_causal_mask(valid)
     return model(tokens, positions, mask, None, logit_index=jnp.zeros((b, 1), jnp.int32)).hidden
 
 
@@ -71,14 +71,14 @@ def drafter_loss(drafter: Drafter, target: Decoder, tokens: jax.Array, feats: ja
     m = loss_mask[:, 1:]
     if segments is None:
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
-        causal = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool))[None], (b, t, t))
+        causal = jnp.broadcast_to(causal_mask(t)[None], (b, t, t))
     else:
         chex.assert_shape(segments, (b, l))
         # Input t is the pair (f_t, x_{t+1}); it belongs to f_t's segment. The one pair that straddles a boundary
         # (last token of a sequence, first of the next) is only attended by itself and never counts.
         seg = segments[:, :-1]
         positions = segment_positions(seg)
-        causal = jnp.tril(jnp.ones((t, t), bool))[None] & (seg[:, :, None] == seg[:, None, :])
+        causal = causal_mask(t)[None] & (seg[:, :, None] == seg[:, None, :])
         m = m & (seg == segments[:, 1:]) & (segments[:, 1:] != 0)
     inp = feats[:, :-1]
     if noise and noise_key is not None:

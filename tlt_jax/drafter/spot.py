@@ -14,7 +14,7 @@ of the policy parameters.
 from __future__ import annotations
 
 import time
-from typing import Any, Dict
+from typing import Any, Dict, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,32 +22,43 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from tlt_jax.core.seeds import numpy_stream, stream_seed
 from tlt_jax.drafter.buffer import DrafterBuffer
 from tlt_jax.drafter.train import train_step
+from tlt_jax.parallel.multihost import allgather
 
 
-def constant_optimizer(lr: float, weight_decay: float = 0.0, clip: float = 1.0) -> optax.GradientTransformation:
-    """Online drafter optimizer: open-ended, so a constant learning rate."""
-    return optax.chain(optax.clip_by_global_norm(clip), optax.adamw(lr, weight_decay=weight_decay))
+class SpotSpec(NamedTuple):
+    """Online drafter training (``tlt.spot_*``, ``tlt.buffer_*``, ``tlt.warm_after``)."""
+
+    rows: int = 4  # packed rows per update
+    seq_len: int = 256
+    noise: float = 0.0  # uniform noise on the drafter's input features while training
+    max_steps_per_rollout: int = 0  # 0: until the rollout ends
+    warm_after: int = 20  # a drafter that was never warmed proposes after this many online updates
+    buffer_capacity: int = 256  # answers held by the data buffer
+    buffer_window: int = 512  # the last <= this many tokens of an answer are kept
+    buffer_lag: int = 2  # features of the last this-many RL steps are sampled
 
 
 class SpotTrainer:
     """Holds the drafter's trainable parameters and optimizer state between rollouts.
 
     Args:
-      dgraphdef, dparams, drest: ``split_drafter(drafter)``.
-      tgraphdef: the policy's graphdef (embedding and head are read from the policy parameters).
+      drafter_graphdef, drafter_params, drafter_frozen: ``split_drafter(drafter)``.
+      target_graphdef: the policy's graphdef (embedding and head are read from the policy parameters).
       buffer: the drafter data buffer; ``step`` samples from it with the one-step offset.
       rows, seq_len: packed batch shape of one update.
     """
 
-    def __init__(self, dgraphdef, dparams, drest, tgraphdef, buffer: DrafterBuffer,
+    def __init__(self, drafter_graphdef, drafter_params, drafter_frozen, target_graphdef, buffer: DrafterBuffer,
                  optimizer: optax.GradientTransformation, *, rows: int = 4, seq_len: int = 256, seed: int = 0,
                  noise: float = 0.0, max_steps_per_rollout: int = 0, gather=None):
-        self.dgraphdef, self.drest, self.tgraphdef = dgraphdef, drest, tgraphdef
-        self.params = dparams
+        self.drafter_graphdef, self.drafter_frozen = drafter_graphdef, drafter_frozen
+        self.target_graphdef = target_graphdef
+        self.params = drafter_params
         self.optimizer = optimizer
-        self.opt_state = optimizer.init(dparams)
+        self.opt_state = optimizer.init(drafter_params)
         self.buffer = buffer
         self.rows, self.seq_len, self.seed, self.noise = int(rows), int(seq_len), int(seed), float(noise)
         self.max_steps = int(max_steps_per_rollout)
@@ -70,9 +81,9 @@ class SpotTrainer:
             self._live[r.index] = {
                 # fresh buffers (from host copies): the update donates them, the master copy must survive
                 "replica": r, "params": jax.device_put(host_params, rep), "opt": jax.device_put(host_opt, rep),
-                "drest": jax.device_put(self.drest, rep), "tparams": policy_params[r.index],
-                "rng": np.random.default_rng([self.seed, self.rl_step, r.index]), "steps": 0, "metrics": [],
-                "key": jax.random.PRNGKey(self.seed * 7919 + self.rl_step * 31 + r.index), "t": 0.0}
+                "frozen": jax.device_put(self.drafter_frozen, rep), "target_params": policy_params[r.index],
+                "rng": numpy_stream(self.seed, "spot_batches", self.rl_step, r.index), "steps": 0, "metrics": [],
+                "key": jax.random.PRNGKey(stream_seed(self.seed, "spot_noise", self.rl_step, r.index)), "t": 0.0}
 
     def step(self, replica_index: int) -> bool:
         """Dispatches one update on the replica (no wait); False when there is no data or the cap is reached."""
@@ -89,9 +100,10 @@ class SpotTrainer:
         tokens, feats, mask, seg = (jax.device_put(x, split) for x in
                                     (batch.tokens, batch.feats, batch.loss_mask, batch.segments))
         s["key"], key = jax.random.split(s["key"])
-        s["params"], s["opt"], met = train_step(s["params"], s["drest"], s["opt"], s["tparams"], tokens, feats, mask,
-                                                key, segments=seg, dgraphdef=self.dgraphdef,
-                                                tgraphdef=self.tgraphdef, optimizer=self.optimizer,
+        s["params"], s["opt"], met = train_step(s["params"], s["frozen"], s["opt"], s["target_params"], tokens,
+                                                feats, mask, key, segments=seg,
+                                                drafter_graphdef=self.drafter_graphdef,
+                                                target_graphdef=self.target_graphdef, optimizer=self.optimizer,
                                                 noise=self.noise)
         s["metrics"].append(met)
         s["steps"] += 1
@@ -113,7 +125,7 @@ class SpotTrainer:
         if host:
             summed = jax.tree.map(lambda *x: np.sum(np.stack([np.asarray(v, np.float64) for v in x]), 0), *host)
         if jax.process_count() > 1 or self._gather is not None:
-            gather = self._gather or _default_gather
+            gather = self._gather or allgather
             count_all = gather(count).sum()
             steps_all = gather(steps_local).sum(0)
             zeros = jax.tree.map(lambda x: np.zeros(np.shape(x), np.float64),
@@ -142,9 +154,3 @@ class SpotTrainer:
                    s["t"] for s in self._live.values())), "drafter_total_steps": self.total_steps}
         self._live = {}
         return out
-
-
-def _default_gather(x: np.ndarray) -> np.ndarray:
-    from tlt_jax.parallel.multihost import allgather
-
-    return allgather(x)

@@ -1,4 +1,5 @@
-"""A jitted drafter update (optax), shared by the offline warm-up and the online spot trainer."""
+"""A jitted drafter update (optax), shared by the offline warm-up and the online spot trainer (the optimizer
+comes from ``core.optim.make_optimizer``)."""
 
 from __future__ import annotations
 
@@ -14,38 +15,30 @@ from tlt_jax.models.decoder import Decoder
 from tlt_jax.models.drafter import Drafter
 
 
-def make_optimizer(lr: float, total_steps: int, warmup_steps: int = 20, weight_decay: float = 0.0,
-                   clip: float = 1.0) -> optax.GradientTransformation:
-    warmup_steps = max(1, min(warmup_steps, total_steps // 2))
-    sched = optax.warmup_cosine_decay_schedule(0.0, lr, warmup_steps, max(total_steps, warmup_steps + 1),
-                                               end_value=lr * 0.1)
-    return optax.chain(optax.clip_by_global_norm(clip), optax.adamw(sched, weight_decay=weight_decay))
-
-
 def split_drafter(drafter: Drafter):
-    """(graphdef, trainable params, other state such as the draft vocabulary)."""
+    """(graphdef, trainable parameters, frozen state: the draft vocabulary)."""
     return nnx.split(drafter, nnx.Param, ...)
 
 
-@functools.partial(jax.jit, static_argnames=("dgraphdef", "tgraphdef", "optimizer", "noise"),
-                   donate_argnames=("dparams", "opt_state"))
-def train_step(dparams, drest, opt_state, tparams, tokens, feats, loss_mask, key=None, segments=None, *, dgraphdef,
-               tgraphdef, optimizer: optax.GradientTransformation, noise: float = 0.0
-               ) -> Tuple[object, object, Dict[str, jax.Array]]:
+@functools.partial(jax.jit, static_argnames=("drafter_graphdef", "target_graphdef", "optimizer", "noise"),
+                   donate_argnames=("drafter_params", "opt_state"))
+def train_step(drafter_params, drafter_frozen, opt_state, target_params, tokens, feats, loss_mask, key=None,
+               segments=None, *, drafter_graphdef, target_graphdef, optimizer: optax.GradientTransformation,
+               noise: float = 0.0) -> Tuple[object, object, Dict[str, jax.Array]]:
     """One update of the drafter's own parameters; the target's (embedding, head) are read, not trained.
 
     ``key`` and ``noise``: optional uniform input-feature noise (see :func:`drafter_loss`).
     ``segments``: optional [B, L] int32 segment ids of packed rows (0 = padding; see :func:`drafter_loss`).
     """
-    target: Decoder = nnx.merge(tgraphdef, tparams)
+    target: Decoder = nnx.merge(target_graphdef, target_params)
 
     def loss_fn(p):
-        drafter = nnx.merge(dgraphdef, p, drest)
+        drafter = nnx.merge(drafter_graphdef, p, drafter_frozen)
         return drafter_loss(drafter, target, tokens, feats, loss_mask, drafter.head_weight(target), key, noise,
                             segments)
 
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(dparams)
-    updates, opt_state = optimizer.update(grads, opt_state, dparams)
-    dparams = optax.apply_updates(dparams, updates)
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(drafter_params)
+    updates, opt_state = optimizer.update(grads, opt_state, drafter_params)
+    drafter_params = optax.apply_updates(drafter_params, updates)
     metrics["grad_norm"] = optax.global_norm(grads)
-    return dparams, opt_state, metrics
+    return drafter_params, opt_state, metrics

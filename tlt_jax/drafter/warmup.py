@@ -1,75 +1,96 @@
-"""Offline drafter warm-up by self-distillation from the target.
+"""Offline drafter warm-up by self-distillation from the target (the command is ``tlt-warmup``).
 
-    python -m tlt_jax.drafter.warmup --config configs/smollm2_135m.py [--out DIR] [--config.a.b=v ...]
-
-1. The target answers generated task prompts (``drafter.warmup.num_prompts``, at the listed temperatures).
+1. The target answers generated task prompts (``num_prompts``, at the listed temperatures).
 2. One forward over each (prompt + answer) gives the target's features (final hidden states).
 3. The drafter (draft vocabulary = the most frequent answer tokens) is trained with the EAGLE loss on the
    response positions, with uniform noise on its input features and weight decay (the data is small).
 4. Held-out acceptance: a greedy chain-4 speculative rollout on ``eval_prompts`` unseen prompts reports the
    acceptance length (tokens committed per target forward); the teacher-forced top-1 agreement is shown too.
-5. The drafter is saved with orbax (its own weights only) to ``--out`` or ``drafter.checkpoint`` or
-   ``<cache dir>/drafters/<config name>``. The generated data is kept next to it (``warmup_data.npz``) and
-   reused by a rerun with the same settings, so an interrupted warm-up does not generate twice.
+5. The drafter is saved with orbax (its own weights only) to ``out``. The generated data is kept next to it
+   (``warmup_data.npz``) and reused by a rerun with the same settings, so an interrupted warm-up does not
+   generate twice.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
-import sys
 import time
-from typing import List, Optional
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import jax
+import numpy as np
+from flax import nnx
+
+from tlt_jax.core.optim import make_optimizer
+from tlt_jax.core.seeds import numpy_stream, stream_seed
+from tlt_jax.data.tasks import arithmetic_problems
+from tlt_jax.drafter.loss import target_features
+from tlt_jax.drafter.train import split_drafter, train_step
+from tlt_jax.io.drafter import save_drafter
+from tlt_jax.io.tokenizer import chat_prompt_ids
+from tlt_jax.models.decoder import Decoder
+from tlt_jax.models.drafter import Drafter
+from tlt_jax.rollout.decode import RolloutSpec
+from tlt_jax.rollout.host import generate
+from tlt_jax.rollout.sampling import SamplingParams
+from tlt_jax.rollout.speculative import SpeculativeSpec
+from tlt_jax.rollout.tree import SpecStrategy
+
+DATA_VERSION = 2  # bumped when the prompt generator changes: cached answers of another version are not reused
 
 
-def default_drafter_dir(config) -> str:
-    from tlt_jax.models.tokenizer import cache_root
+class WarmupSpec(NamedTuple):
+    """The warm-up's settings (``drafter.warmup.*``, ``drafter.draft_vocab``, ``seed``)."""
 
-    if config.drafter.checkpoint:
-        return os.path.abspath(os.path.expanduser(config.drafter.checkpoint))
-    return os.path.join(cache_root(), "drafters", config.name)
-
-
-def _log(msg: str) -> None:
-    print(msg, flush=True)
+    num_prompts: int = 128  # task prompts answered by the target (self-distillation data)
+    eval_prompts: int = 8  # held-out prompts for the acceptance estimate
+    max_new_tokens: int = 192
+    temperatures: Tuple[float, ...] = (0.0, 1.0)  # answers are generated at these temperatures, in equal shares
+    gen_batch: int = 32
+    steps: int = 400
+    batch_size: int = 8
+    seq_len: int = 256
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    feature_noise: float = 0.2  # uniform noise in [-x, x] on the drafter's input features while training
+    time_budget_s: float = 720.0  # training stops early (and says so) past this budget
+    data_seed: int = 1
+    draft_vocab: int = 8192  # ids the drafter proposes from (most frequent in its warm-up data); 0 = all
+    seed: int = 0
 
 
 def build_prompts(tokenizer, n: int, seed: int, system: Optional[str]) -> List[List[int]]:
-    from tlt_jax.data.tasks import arithmetic_problems
-    from tlt_jax.models.tokenizer import chat_prompt_ids
-
+    """Chat prompts of ``n`` generated arithmetic problems."""
     return chat_prompt_ids(tokenizer, [p.question for p in arithmetic_problems(n, seed)], system)
 
 
-def generate_answers(model, prompts, config, stop_tokens, temperatures, seed: int):
-    """Target answers, in batches, split evenly over the temperatures. Returns a list of token lists."""
-    from tlt_jax.rollout import RolloutSpec, SamplingParams, generate
+def eval_prompt_seed(data_seed: int) -> int:
+    """The held-out prompts' seed (a stream of its own: never the training prompts)."""
+    return stream_seed(data_seed, "warmup_eval_prompts")
 
-    w = config.drafter.warmup
+
+def generate_answers(model: Decoder, prompts, spec: WarmupSpec, stop_tokens, log: Callable[[str], None]):
+    """Target answers, in batches, split evenly over the temperatures. Returns a list of token lists."""
     answers, done_tokens, t0 = [], 0, time.perf_counter()
     total = len(prompts)
-    for start in range(0, total, w.gen_batch):
-        batch = prompts[start:start + w.gen_batch]
-        temp = float(temperatures[(start // w.gen_batch) % len(temperatures)])
-        spec = RolloutSpec(max_new_tokens=int(w.max_new_tokens), stop_tokens=tuple(stop_tokens),
-                           sampling=SamplingParams(temperature=temp), chunk_steps=32)
-        out = generate(model, batch, spec, seed=seed + start)
+    for start in range(0, total, spec.gen_batch):
+        batch = prompts[start:start + spec.gen_batch]
+        temp = float(spec.temperatures[(start // spec.gen_batch) % len(spec.temperatures)])
+        rollout = RolloutSpec(max_new_tokens=spec.max_new_tokens, stop_tokens=tuple(stop_tokens),
+                              sampling=SamplingParams(temperature=temp), chunk_steps=32)
+        out = generate(model, batch, rollout, seed=stream_seed(spec.seed, "warmup_answers", start))
         answers.extend(out.tokens)
         done_tokens += int(out.lengths.sum())
         el = time.perf_counter() - t0
-        _log(f"  answers {len(answers)}/{total} (T={temp:g})  {done_tokens} tokens  {el:.0f}s "
-             f"({done_tokens / max(el, 1e-9):.0f} tok/s)")
+        log(f"  answers {len(answers)}/{total} (T={temp:g})  {done_tokens} tokens  {el:.0f}s "
+            f"({done_tokens / max(el, 1e-9):.0f} tok/s)")
     return answers
 
 
 def pack(prompts, answers, seq_len: int, pad_id: int):
     """Right-padded (prompt + answer) rows cut to seq_len, with the response loss mask."""
-    import numpy as np
-
     n = len(prompts)
     tokens = np.full((n, seq_len), pad_id, np.int32)
     valid = np.zeros((n, seq_len), bool)
@@ -82,10 +103,8 @@ def pack(prompts, answers, seq_len: int, pad_id: int):
     return tokens, valid, loss_mask
 
 
-def choose_draft_vocab(answers, size: int, vocab_size: int, always=()) -> "np.ndarray":
+def choose_draft_vocab(answers, size: int, vocab_size: int, always=()) -> Optional[np.ndarray]:
     """The ``size`` most frequent answer tokens (stop tokens always in), then the lowest unused ids."""
-    import numpy as np
-
     if size <= 0 or size >= vocab_size:
         return None
     counts = np.zeros((vocab_size,), np.int64)
@@ -97,77 +116,51 @@ def choose_draft_vocab(answers, size: int, vocab_size: int, always=()) -> "np.nd
     return np.sort(order[:size]).astype(np.int32)
 
 
-def main(argv=None) -> int:
-    from tlt_jax.config import load_config, split_config_args
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    path, overrides, rest = split_config_args(argv)
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="", help="drafter checkpoint directory (default: see above)")
-    ap.add_argument("--fresh-data", action="store_true", help="regenerate the self-distillation data")
-    args = ap.parse_args(rest)
-    if path is None:
-        ap.error("--config is required (e.g. --config configs/smollm2_135m.py)")
-    config = load_config(path, overrides)
-    return run_warmup(config, out=args.out or default_drafter_dir(config), fresh_data=args.fresh_data)
+def _cached_answers(path: str, key: str) -> Optional[List[List[int]]]:
+    if not os.path.exists(path):
+        return None
+    d = np.load(path, allow_pickle=False)
+    if str(d["key"]) != key:
+        return None
+    return [a.tolist() for a in np.split(d["answers"], np.cumsum(d["lengths"])[:-1])]
 
 
-def run_warmup(config, out: str, fresh_data: bool = False) -> int:
-    import jax
-    import numpy as np
-    from flax import nnx
+def warm_up_drafter(model: Decoder, tokenizer, spec: WarmupSpec, *, out: str, stop_tokens: Sequence[int],
+                    system: Optional[str], data_key: Sequence, fresh_data: bool = False,
+                    log: Callable[[str], None] = print) -> Dict[str, object]:
+    """Runs steps 1-5 above for the target ``model``; returns what was saved with the drafter (``extra``).
 
-    from tlt_jax.drafter.io import save_drafter
-    from tlt_jax.drafter.loss import target_features
-    from tlt_jax.drafter.train import make_optimizer, split_drafter, train_step
-    from tlt_jax.models.drafter import Drafter
-    from tlt_jax.models.tokenizer import load_tokenizer, stop_token_ids
-    from tlt_jax.models.weights import model_from_config
-    from tlt_jax.rollout import RolloutSpec
-    from tlt_jax.rollout.speculative import SpeculativeSpec, generate_speculative
-    from tlt_jax.rollout.tree import SpecStrategy
-
+    ``data_key``: what identifies the target and its task (config name, checkpoint): cached answers are reused
+    only when it and the data settings match.
+    """
     t_start = time.perf_counter()
-    w = config.drafter.warmup
-    _log(f"[warmup] config {config.name}; drafter -> {out}")
-    _, model = model_from_config(config)
-    if not config.model.checkpoint:
-        raise SystemExit("drafter warm-up needs a real target (model.checkpoint) and its tokenizer")
-    tokenizer = load_tokenizer(config.model.tokenizer or config.model.checkpoint)
-    stops = stop_token_ids(tokenizer, config.rollout.stop_strings)
+    stops = list(stop_tokens)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-    system = config.job.system_prompt or None
-    prompts = build_prompts(tokenizer, int(w.num_prompts), int(w.data_seed), system)
-    eval_prompts = build_prompts(tokenizer, int(w.eval_prompts), int(w.data_seed) + 1000, system)
+    prompts = build_prompts(tokenizer, spec.num_prompts, spec.data_seed, system)
+    eval_prompts = build_prompts(tokenizer, spec.eval_prompts, eval_prompt_seed(spec.data_seed), system)
     os.makedirs(out, exist_ok=True)
 
     # 1. self-distillation data (reused when the settings match)
-    key = hashlib.sha256(json.dumps([config.name, config.model.checkpoint, w.num_prompts, w.max_new_tokens,
-                                     list(w.temperatures), w.data_seed, system]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps(list(data_key) + [spec.num_prompts, spec.max_new_tokens,
+                                                      list(spec.temperatures), spec.data_seed, system,
+                                                      DATA_VERSION]).encode()).hexdigest()[:16]
     data_path = os.path.join(out, "warmup_data.npz")
-    answers = None
-    if os.path.exists(data_path) and not fresh_data:
-        d = np.load(data_path, allow_pickle=False)
-        if str(d["key"]) == key:
-            flat, lens = d["answers"], d["lengths"]
-            answers = np.split(flat, np.cumsum(lens)[:-1])
-            answers = [a.tolist() for a in answers]
-            _log(f"[warmup] reusing {len(answers)} answers from {data_path}")
-    if answers is None:
-        _log(f"[warmup] 1/4 target answers {len(prompts)} prompts (max {w.max_new_tokens} new tokens)")
-        answers = generate_answers(model, prompts, config, stops, w.temperatures, int(config.seed))
-        lens = np.asarray([len(a) for a in answers], np.int64)
+    answers = None if fresh_data else _cached_answers(data_path, key)
+    if answers is not None:
+        log(f"[warmup] reusing {len(answers)} answers from {data_path}")
+    else:
+        log(f"[warmup] 1/4 target answers {len(prompts)} prompts (max {spec.max_new_tokens} new tokens)")
+        answers = generate_answers(model, prompts, spec, stops, log)
         tmp = data_path + ".tmp.npz"
         np.savez(tmp, key=np.asarray(key), answers=np.concatenate([np.asarray(a, np.int32) for a in answers]),
-                 lengths=lens)
+                 lengths=np.asarray([len(a) for a in answers], np.int64))
         os.replace(tmp, data_path)
     n_resp = sum(len(a) for a in answers)
-    _log(f"[warmup] {n_resp} response tokens, mean answer {n_resp / len(answers):.0f} tokens")
+    log(f"[warmup] {n_resp} response tokens, mean answer {n_resp / len(answers):.0f} tokens")
 
     # 2. target features
-    seq_len = int(w.seq_len)
-    tokens, valid, loss_mask = pack(prompts, answers, seq_len, pad)
-    graphdef, tparams = nnx.split(model)
+    tokens, valid, loss_mask = pack(prompts, answers, spec.seq_len, pad)
+    graphdef, target_params = nnx.split(model)
 
     @jax.jit
     def feats_fn(p, t, v):
@@ -177,55 +170,51 @@ def run_warmup(config, out: str, fresh_data: bool = False) -> int:
     fb = 8
     feats = []
     for s in range(0, len(tokens), fb):
-        feats.append(np.asarray(feats_fn(tparams, tokens[s:s + fb], valid[s:s + fb])))
-        _log(f"  features {min(s + fb, len(tokens))}/{len(tokens)}  {time.perf_counter() - t0:.0f}s")
+        feats.append(np.asarray(feats_fn(target_params, tokens[s:s + fb], valid[s:s + fb])))
+        log(f"  features {min(s + fb, len(tokens))}/{len(tokens)}  {time.perf_counter() - t0:.0f}s")
     feats = np.concatenate(feats, 0)
 
     # 3. train
-    vocab = choose_draft_vocab(answers, int(config.drafter.draft_vocab), model.cfg.vocab_size, stops)
-    drafter = Drafter(model.cfg, nnx.Rngs(int(config.seed)), draft_vocab=vocab)
-    dgraphdef, dparams, drest = split_drafter(drafter)
-    steps = int(w.steps)
-    opt = make_optimizer(float(w.lr), steps, weight_decay=float(w.weight_decay))
-    opt_state = opt.init(dparams)
-    rng = np.random.default_rng(int(config.seed))
-    bs = min(int(w.batch_size), len(tokens))
-    _log(f"[warmup] 3/4 training {steps} steps, batch {bs} x {seq_len} tokens, draft vocabulary "
-         f"{'all' if vocab is None else len(vocab)}")
+    vocab = choose_draft_vocab(answers, spec.draft_vocab, model.cfg.vocab_size, stops)
+    drafter = Drafter(model.cfg, nnx.Rngs(stream_seed(spec.seed, "drafter_init")), draft_vocab=vocab)
+    drafter_graphdef, drafter_params, drafter_frozen = split_drafter(drafter)
+    opt = make_optimizer(spec.lr, weight_decay=spec.weight_decay, warmup_steps=20, cosine_steps=spec.steps)
+    opt_state = opt.init(drafter_params)
+    rng = numpy_stream(spec.seed, "warmup_batches")
+    bs = min(spec.batch_size, len(tokens))
+    log(f"[warmup] 3/4 training {spec.steps} steps, batch {bs} x {spec.seq_len} tokens, draft vocabulary "
+        f"{'all' if vocab is None else len(vocab)}")
     t0 = time.perf_counter()
     order, pos, hist = rng.permutation(len(tokens)), 0, []
     step = 0
-    for step in range(1, steps + 1):
+    for step in range(1, spec.steps + 1):
         if pos + bs > len(order):
             order, pos = rng.permutation(len(tokens)), 0
         idx = np.sort(order[pos:pos + bs])
         pos += bs
-        dparams, opt_state, m = train_step(dparams, drest, opt_state, tparams, tokens[idx], feats[idx],
-                                           loss_mask[idx], jax.random.PRNGKey(step), dgraphdef=dgraphdef,
-                                           tgraphdef=graphdef, optimizer=opt, noise=float(w.feature_noise))
-        if step % 20 == 0 or step == steps:
+        drafter_params, opt_state, m = train_step(
+            drafter_params, drafter_frozen, opt_state, target_params, tokens[idx], feats[idx], loss_mask[idx],
+            jax.random.PRNGKey(stream_seed(spec.seed, "warmup_noise", step)), drafter_graphdef=drafter_graphdef,
+            target_graphdef=graphdef, optimizer=opt, noise=spec.feature_noise)
+        if step % 20 == 0 or step == spec.steps:
             m = {k: float(v) for k, v in m.items()}
             hist.append(m)
             el = time.perf_counter() - t0
-            _log(f"  step {step}/{steps}  loss {m['loss']:.4f}  reg {m['reg']:.4f}  ce {m['ce']:.3f}  "
-                 f"top1 {m['top1']:.3f}  {el:.0f}s")
-            if time.perf_counter() - t_start > float(w.time_budget_s):
-                _log(f"[warmup] time budget of {w.time_budget_s:.0f}s reached: stopping after step {step}")
+            log(f"  step {step}/{spec.steps}  loss {m['loss']:.4f}  reg {m['reg']:.4f}  ce {m['ce']:.3f}  "
+                f"top1 {m['top1']:.3f}  {el:.0f}s")
+            if time.perf_counter() - t_start > spec.time_budget_s:
+                log(f"[warmup] time budget of {spec.time_budget_s:.0f}s reached: stopping after step {step}")
                 break
-    drafter = nnx.merge(dgraphdef, dparams, drest)
+    drafter = nnx.merge(drafter_graphdef, drafter_params, drafter_frozen)
 
     # 4. held-out acceptance
-    _log(f"[warmup] 4/4 held-out acceptance on {len(eval_prompts)} unseen prompts (greedy, chain-4)")
-    spec = RolloutSpec(max_new_tokens=int(w.max_new_tokens), stop_tokens=tuple(stops), chunk_steps=16)
-    res = generate_speculative(model, eval_prompts, spec, SpeculativeSpec(SpecStrategy(depth=4)), drafter)
+    log(f"[warmup] 4/4 held-out acceptance on {len(eval_prompts)} unseen prompts (greedy, chain-4)")
+    greedy = RolloutSpec(max_new_tokens=spec.max_new_tokens, stop_tokens=tuple(stops), chunk_steps=16)
+    res = generate(model, eval_prompts, greedy, speculation=SpeculativeSpec(SpecStrategy(depth=4)), drafter=drafter)
     accept = res.accept_len
-    _log(f"  acceptance length {accept:.2f} tokens per target forward ({int(res.result.lengths.sum())} tokens)")
+    log(f"  acceptance length {accept:.2f} tokens per target forward ({int(res.lengths.sum())} tokens)")
     extra = {"accept_len_chain4_greedy": accept, "steps": step, "train_top1": hist[-1]["top1"] if hist else None,
              "response_tokens": n_resp, "seconds": time.perf_counter() - t_start}
     path = save_drafter(out, drafter, model, step=step, extra=extra, replace=True)
-    _log(f"[warmup] saved drafter to {path} ({time.perf_counter() - t_start:.0f}s in all)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    log(f"[warmup] saved drafter to {path} ({time.perf_counter() - t_start:.0f}s in all)")
+    return extra

@@ -1,8 +1,7 @@
 """The adaptive rollout engine: batch compaction, speculation on demand, BEG-MAB and a program pool."""
 
-from tlt_jax.engine.adaptive import AdaptiveEngine, EngineConfig, EngineResult, make_replicas, next_pow2
+from tlt_jax.engine.adaptive import AdaptiveEngine, EngineConfig
 from tlt_jax.engine.bandit import BucketBandit
 from tlt_jax.engine.pool import ProgramPool
 
-__all__ = ["AdaptiveEngine", "EngineConfig", "EngineResult", "BucketBandit", "ProgramPool", "make_replicas",
-           "next_pow2"]
+__all__ = ["AdaptiveEngine", "EngineConfig", "BucketBandit", "ProgramPool"]

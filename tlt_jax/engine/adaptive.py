@@ -16,8 +16,11 @@ its own chunk loop. The host loop, once per chunk:
 
 Speculation keeps one state type (``SpecState``) whatever the arm: plain steps are speculative steps with no
 drafts, and the drafter's cache follows every commit, so switching speculation on, changing the strategy and
-compacting the batch cost nothing but a row gather. The learned drafter proposes once it is warm; until then
-the model-free n-gram proposer serves.
+compacting the batch cost nothing but a row gather. The learned drafter proposes once it is warm
+(``DrafterInput.proposes``); until then the model-free n-gram proposer serves.
+
+The engine is a :class:`~tlt_jax.rollout.host.Rollout`: ``generate(params, prompts, seed=..., drafter=...)``
+returns a ``RolloutOutput`` with the engine's statistics and decisions.
 """
 
 from __future__ import annotations
@@ -25,27 +28,29 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from tlt_jax.core.errors import ConfigError, InputError
+from tlt_jax.core.shapes import next_pow2
+from tlt_jax.core.trees import path_name
 from tlt_jax.engine.bandit import BucketBandit
 from tlt_jax.engine.pool import ProgramPool, relocate
-from tlt_jax.errors import ConfigError, InputError
-from tlt_jax.rollout.decode import FINISH_NAMES, RolloutResult, RolloutSpec, pad_prompts
-from tlt_jax.rollout.speculative import (SpecState, SpeculativeSpec, accept_length, speculative_chunk,
-                                         start_speculative)
-
-
-def next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
+from tlt_jax.parallel.multihost import allgather
+from tlt_jax.parallel.replicas import Replica, make_replicas
+from tlt_jax.parallel.sharding import to_mesh
+from tlt_jax.rollout.decode import RolloutSpec, pad_prompts
+from tlt_jax.rollout.host import DrafterInput, RolloutOutput, harvest, output_from_rows
+from tlt_jax.rollout.speculative import SpecState, SpeculativeSpec, speculative_chunk, start_speculative
 
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
+    """The engine's settings (``app.specs.engine_config`` builds them from ``tlt.*`` and checks them)."""
+
     replicas: int = 1
     replica_tensor: int = 1  # tensor parallelism inside a replica (models too big for one device)
     sd_threshold: int = 32  # speculation is considered once a replica's bucket is at most this many rows
@@ -60,93 +65,13 @@ class EngineConfig:
     ngram_min: int = 1
     seed: int = 0
 
-    def __post_init__(self):
-        if int(self.replicas) < 1:
-            raise ConfigError(f"tlt.replicas must be >= 1, got {self.replicas}")
-        if int(self.replica_tensor) < 1:
-            raise ConfigError(f"tlt.replica_tensor must be >= 1, got {self.replica_tensor}")
-        if int(self.sd_threshold) < 0:
-            raise ConfigError(f"tlt.sd_threshold must be >= 0 (0: never speculate), got {self.sd_threshold}")
-        for name, arms in (("tlt.arms", self.arms), ("tlt.ngram_arms", self.ngram_arms)):
-            for a in arms:
-                s = SpeculativeSpec.from_arm(a, self.ngram_max, self.ngram_min)
-                if (name == "tlt.arms") != (s.proposer == "eagle"):
-                    raise ConfigError(f"{name}: {a!r} is not a {'learned-drafter' if name == 'tlt.arms' else 'n-gram'}"
-                                      f" strategy")
-        if not self.plain_arm and (not self.arms or not self.ngram_arms):
-            raise ConfigError("without the plain arm, tlt.arms and tlt.ngram_arms must both be non-empty")
-
-    @staticmethod
-    def from_config(config) -> "EngineConfig":
-        t = config.tlt
-        sp = config.speculative
-        return EngineConfig(replicas=int(t.replicas), replica_tensor=int(t.replica_tensor),
-                            sd_threshold=int(t.sd_threshold), arms=tuple(t.arms), ngram_arms=tuple(t.ngram_arms),
-                            plain_arm=bool(t.plain_arm), epsilon=float(t.epsilon),
-                            window=int(t.window), compact=bool(t.compact), max_programs=int(t.max_programs),
-                            ngram_max=int(sp.ngram_max), ngram_min=int(sp.ngram_min), seed=int(config.seed))
-
-
-class Replica(NamedTuple):
-    index: int
-    devices: Tuple[jax.Device, ...]
-    mesh: Mesh  # axes ("data", "tensor"): rows over data, the policy's heads / FFN / vocabulary over tensor
-    local: bool  # every device of the replica belongs to this process
-
-    @property
-    def data_size(self) -> int:
-        return int(self.mesh.shape["data"])
-
-
-def make_replicas(num: int, devices: Optional[Sequence[jax.Device]] = None, tensor: int = 1) -> List[Replica]:
-    """``num`` disjoint sub-meshes of the devices (all of them: ``jax.devices()``), in device order, each a
-    (data, tensor) mesh with ``tensor`` devices per model copy.
-
-    With fewer devices than replicas, replicas share devices round-robin (one CPU device, say): the engine
-    still splits the batch and trains on finished replicas, but they run on the same hardware.
-    """
-    devices = list(jax.devices() if devices is None else devices)
-    num, tensor = int(num), int(tensor)
-    if num < 1:
-        raise ConfigError(f"need at least one rollout replica, got {num}")
-    if len(devices) >= num:
-        if len(devices) % num:
-            raise ConfigError(f"{num} rollout replicas do not split {len(devices)} devices evenly")
-        k = len(devices) // num
-        groups = [devices[i * k:(i + 1) * k] for i in range(num)]
-    else:
-        groups = [[devices[i % len(devices)]] for i in range(num)]
-    if len(groups[0]) % tensor:
-        raise ConfigError(f"tlt.replica_tensor={tensor} does not divide a replica's {len(groups[0])} device(s) "
-                          f"({len(devices)} devices, {num} replicas)")
-    me = jax.process_index()
-    return [Replica(i, tuple(g), Mesh(np.asarray(g).reshape(len(g) // tensor, tensor), ("data", "tensor")),
-                    all(d.process_index == me for d in g))
-            for i, g in enumerate(groups)]
-
-
-def _shardings(tree, mesh: Mesh, batch: int):
-    """Replica layout: leaves whose leading axis is the batch are split over the replica's data axis when it
-    divides, KV caches ([B, KV heads, S, D]) also over the tensor axis by head (as tensor-parallel attention
-    leaves them), everything else (the RNG key, ...) is replicated."""
-    n, t = int(mesh.shape["data"]), int(mesh.shape["tensor"])
-
-    def one(path, x):
-        name = jax.tree_util.keystr(path)
-        split = (x.ndim >= 1 and x.shape[0] == batch and batch % n == 0 and "rng" not in name)
-        heads = "tensor" if (t > 1 and x.ndim == 4 and "cache" in name and x.shape[1] % t == 0) else None
-        spec = ("data" if split and n > 1 else None, heads)[:max(1, x.ndim)] if x.ndim else ()
-        return NamedSharding(mesh, P(*spec))
-    return jax.tree_util.tree_map_with_path(one, tree)
-
 
 @jax.jit
 def _take_rows(state: SpecState, idx: jax.Array) -> SpecState:
-    """The rows ``idx`` of every batch leaf (compaction)."""
-    b = state.done.shape[0]
+    """The rows ``idx`` of every per-row leaf (compaction)."""
 
     def take(path, x):
-        if "rng" in jax.tree_util.keystr(path) or x.ndim == 0 or x.shape[0] != b:
+        if path_name(path) == "rng":  # the one leaf that is not per row
             return x
         return jnp.take(x, idx, axis=0)
     return jax.tree_util.tree_map_with_path(take, state)
@@ -165,59 +90,48 @@ class _Run:
     t_dispatch: float = 0.0
 
 
-class EngineResult(NamedTuple):
-    result: RolloutResult
-    accepted: np.ndarray  # [B]
-    verifies: np.ndarray  # [B]
-    stats: Dict[str, Any]
-    decisions: List[Tuple]  # (chunk, replica, action, bucket, arm): identical on every process
-
-    @property
-    def accept_len(self) -> float:
-        return accept_length(self.result.lengths, self.verifies)
-
-
 class AdaptiveEngine:
     """Runs rollouts of ``graphdef`` models; keeps its bandits and compiled programs across rollouts."""
 
-    def __init__(self, graphdef, spec: RolloutSpec, ecfg: EngineConfig, *, batch_size: int, cache_len: int,
-                 dgraphdef=None, devices: Optional[Sequence[jax.Device]] = None, pool: Optional[ProgramPool] = None,
-                 gather: Optional[Callable[[np.ndarray], np.ndarray]] = None, prompt_multiple: int = 32):
-        self.graphdef, self.dgraphdef, self.spec, self.ecfg = graphdef, dgraphdef, spec, ecfg
+    def __init__(self, graphdef, spec: RolloutSpec, config: EngineConfig, *, batch_size: int, cache_len: int,
+                 drafter_graphdef=None, devices: Optional[Sequence[jax.Device]] = None,
+                 pool: Optional[ProgramPool] = None, gather: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+                 prompt_multiple: int = 32):
+        self.graphdef, self.drafter_graphdef, self.spec, self.config = graphdef, drafter_graphdef, spec, config
         self.cache_len = int(cache_len)
         self.prompt_multiple = int(prompt_multiple)  # prompts are padded to a multiple: few prefill programs
-        self.replicas = make_replicas(ecfg.replicas, devices, ecfg.replica_tensor)
-        if batch_size % ecfg.replicas:
-            raise ConfigError(f"a rollout batch of {batch_size} rows does not split over {ecfg.replicas} replicas")
+        self.replicas = make_replicas(config.replicas, devices, config.replica_tensor)
+        if batch_size % config.replicas:
+            raise ConfigError(f"a rollout batch of {batch_size} rows does not split over {config.replicas} replicas")
         self.batch_size = int(batch_size)
-        self.rows_per_replica = batch_size // ecfg.replicas
+        self.rows_per_replica = batch_size // config.replicas
         self.top_bucket = next_pow2(self.rows_per_replica)
         self.buckets = [self.top_bucket >> i for i in range(self.top_bucket.bit_length())]
-        self.pool = pool if pool is not None else ProgramPool(ecfg.max_programs)
+        self.pool = pool if pool is not None else ProgramPool(config.max_programs)
         self.start_pool = ProgramPool(8)  # prefill programs, one per prompt width (kept apart from the chunks)
         self._gather = gather
         self.bandits: Dict[str, BucketBandit] = {}
-        for phase, arms in (("eagle", ecfg.arms), ("ngram", ecfg.ngram_arms)):
-            if phase == "eagle" and dgraphdef is None:
+        for phase, arms in (("eagle", config.arms), ("ngram", config.ngram_arms)):
+            if phase == "eagle" and drafter_graphdef is None:
                 continue
             per = {}
             for b in self.buckets:
-                if b > ecfg.sd_threshold:
+                if b > config.sd_threshold:
                     per[b] = ["plain"]
                 else:
-                    per[b] = (["plain"] if ecfg.plain_arm else []) + list(arms) or ["plain"]
-            self.bandits[phase] = BucketBandit(per, ecfg.epsilon, ecfg.window, seed=ecfg.seed)
+                    per[b] = (["plain"] if config.plain_arm else []) + list(arms) or ["plain"]
+            self.bandits[phase] = BucketBandit(per, config.epsilon, config.window, seed=config.seed)
 
     # ------------------------------------------------------------------------------------------ programs
 
-    def _abstract_state(self, bucket: int, replica: Replica, params, dparams) -> SpecState:
+    def _abstract_state(self, bucket: int, replica: Replica, params, drafter_params) -> SpecState:
         toks = jax.ShapeDtypeStruct((bucket, 8), jnp.int32)
-        st = jax.eval_shape(functools.partial(start_speculative, graphdef=self.graphdef, dgraphdef=self.dgraphdef,
-                                              spec=self.spec, sspec=SpeculativeSpec(proposer="none"),
-                                              cache_len=self.cache_len),
-                            params, dparams, toks, jax.ShapeDtypeStruct((bucket, 8), bool),
+        st = jax.eval_shape(functools.partial(start_speculative, graphdef=self.graphdef,
+                                              drafter_graphdef=self.drafter_graphdef, spec=self.spec,
+                                              speculation=SpeculativeSpec(proposer="none"), cache_len=self.cache_len),
+                            params, drafter_params, toks, jax.ShapeDtypeStruct((bucket, 8), bool),
                             jax.ShapeDtypeStruct((bucket,), jnp.int32), jax.random.PRNGKey(0))
-        shard = _shardings(st, replica.mesh, bucket)
+        shard = replica.state_shardings(st)
         return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), st, shard)
 
     def _pooled(self, pool: ProgramPool, replica: Replica, what: Tuple, build):
@@ -234,20 +148,21 @@ class AdaptiveEngine:
             return None
         return pool.get(key(replica), build, derive)
 
-    def program(self, replica: Replica, bucket: int, arm: str, params, dparams):
+    def program(self, replica: Replica, bucket: int, arm: str, params, drafter_params):
         """The compiled chunk for (bucket, arm) on the replica's devices (from the pool)."""
         def build():
-            sspec = SpeculativeSpec.from_arm(arm, self.ecfg.ngram_max, self.ecfg.ngram_min)
-            st = self._abstract_state(bucket, replica, params, dparams)
-            return speculative_chunk.lower(params, dparams, st, graphdef=self.graphdef, dgraphdef=self.dgraphdef,
-                                           spec=self.spec, sspec=sspec).compile()
-        return self._pooled(self.pool, replica, (bucket, arm, self.dgraphdef is not None, self.spec, self.cache_len,
-                                                 self.graphdef, self.dgraphdef), build)
+            speculation = SpeculativeSpec.from_arm(arm, self.config.ngram_max, self.config.ngram_min)
+            st = self._abstract_state(bucket, replica, params, drafter_params)
+            return speculative_chunk.lower(params, drafter_params, st, graphdef=self.graphdef,
+                                           drafter_graphdef=self.drafter_graphdef, spec=self.spec,
+                                           speculation=speculation).compile()
+        return self._pooled(self.pool, replica, (bucket, arm, self.drafter_graphdef is not None, self.spec,
+                                                 self.cache_len, self.graphdef, self.drafter_graphdef), build)
 
     def arms_for(self, bucket: int, phase: str) -> List[str]:
         return self.bandits[phase].arms[bucket]
 
-    def precompile(self, params, dparams, phases: Sequence[str] = ("eagle", "ngram"),
+    def precompile(self, params, drafter_params, phases: Sequence[str] = ("eagle", "ngram"),
                    progress: Optional[Callable[[str], None]] = None) -> Dict[str, float]:
         """Compiles every (bucket, arm) program of the local replicas ahead of time; returns pool stats."""
         wanted = []
@@ -264,7 +179,7 @@ class AdaptiveEngine:
         for r in self.replicas:
             if not r.local:
                 continue
-            p, dp = self._place(r, params, dparams)
+            p, dp = self._place(r, params, drafter_params)
             for b, arm in wanted:
                 if progress is not None:
                     progress(f"compile bucket {b} {arm}")
@@ -273,14 +188,10 @@ class AdaptiveEngine:
 
     # ------------------------------------------------------------------------------------------ helpers
 
-    def _place(self, r: Replica, params, dparams):
-        """The policy (possibly laid out over the whole training mesh) on a replica, by the sharding rules over
-        its tensor axis (whole on each device without one), and the drafter, replicated."""
-        from tlt_jax.parallel.sharding import to_mesh, tree_shardings
-
-        rep = NamedSharding(r.mesh, P())
-        return (to_mesh(params, tree_shardings(params, r.mesh)),
-                to_mesh(dparams, rep) if dparams is not None else None)
+    def _place(self, r: Replica, params, drafter_params):
+        """The policy on a replica (``Replica.place_policy``) and the drafter, replicated."""
+        return (r.place_policy(params),
+                to_mesh(drafter_params, r.replicated) if drafter_params is not None else None)
 
     def _gather_rows(self, x: np.ndarray) -> np.ndarray:
         """[num_processes, ...] of x from every process (one process: x[None])."""
@@ -288,36 +199,33 @@ class AdaptiveEngine:
             return self._gather(x)
         if jax.process_count() == 1:
             return x[None]
-        from tlt_jax.parallel.multihost import allgather
-
         return allgather(x)
 
     def _harvest(self, run: _Run, out: Dict[str, np.ndarray]) -> None:
-        st = run.state
-        done, num, toks, lps, fin, acc, ver = jax.device_get(
-            (st.done, st.num_tokens, st.tokens, st.logprobs, st.finish, st.accepted, st.verifies))
+        """The finished rows of a replica's state into ``out`` (by original row index)."""
+        rows = harvest(run.state)
         for i, row in enumerate(run.rows):
-            if row >= 0 and done[i] and not out["have"][row]:
-                out["tokens"][row] = toks[i]
-                out["logprobs"][row] = lps[i]
-                out["num"][row] = num[i]
-                out["finish"][row] = fin[i]
-                out["accepted"][row] = acc[i]
-                out["verifies"][row] = ver[i]
+            if row >= 0 and rows["done"][i] and not out["have"][row]:
+                for k in OUT_FIELDS:
+                    out[k][row] = rows[k][i]
                 out["have"][row] = True
 
     # ------------------------------------------------------------------------------------------ rollout
 
-    def rollout(self, params, dparams, prompts: Sequence[Sequence[int]], *, seed: int, use_drafter: bool = True,
-                spot=None, max_new: Optional[Sequence[int]] = None) -> EngineResult:
-        """Runs the batch to completion. ``spot``: an object with ``begin(replicas, params_by_replica)``,
-        ``step(replica) -> bool`` and ``end() -> dict`` (the drafter's spot trainer), or None."""
+    def generate(self, params, prompts: Sequence[Sequence[int]], *, seed: int = 0,
+                 drafter: Optional[DrafterInput] = None, max_new: Optional[Sequence[int]] = None) -> RolloutOutput:
+        """Runs the batch to completion. ``drafter.trainer``: an object with ``begin(replicas,
+        params_by_replica)``, ``step(replica) -> bool`` and ``end() -> dict`` (the drafter's spot trainer), or
+        None; ``drafter.proposes`` False keeps the n-gram proposer drafting (the drafter is not warm yet)."""
         b = len(prompts)
         if b != self.batch_size:
             raise InputError(f"the engine was built for {self.batch_size} rows, got {b}")
-        phase = "eagle" if (use_drafter and self.dgraphdef is not None) else "ngram"
-        if phase == "eagle" and dparams is None:
-            raise InputError("the learned drafter phase needs the drafter's state")
+        drafter_params = drafter.params if drafter is not None else None
+        spot = drafter.trainer if drafter is not None else None
+        use_drafter = drafter is not None and drafter.proposes
+        phase = "eagle" if (use_drafter and self.drafter_graphdef is not None) else "ngram"
+        if self.drafter_graphdef is not None and drafter_params is None:
+            raise InputError("an engine built with a drafter needs the drafter's state (drafter=DrafterInput(...))")
         spec = self.spec
         nmax = spec.max_new_tokens
         limits = np.full((b,), nmax, np.int32) if max_new is None else np.asarray(max_new, np.int32)
@@ -326,7 +234,7 @@ class AdaptiveEngine:
             raise InputError(f"a prompt of {longest} tokens leaves no room in the engine's KV cache of "
                              f"{self.cache_len} slots")
         out = {"tokens": np.zeros((b, nmax), np.int32), "logprobs": np.zeros((b, nmax), np.float32),
-               "num": np.zeros((b,), np.int32), "finish": np.zeros((b,), np.int32),
+               "num_tokens": np.zeros((b,), np.int32), "finish": np.zeros((b,), np.int32),
                "accepted": np.zeros((b,), np.int32), "verifies": np.zeros((b,), np.int32),
                "have": np.zeros((b,), bool)}
         n = self.rows_per_replica
@@ -340,21 +248,22 @@ class AdaptiveEngine:
             runs.append(run)
             if not r.local:
                 continue
-            p, dp = self._place(r, params, dparams if self.dgraphdef is not None else None)
+            p, dp = self._place(r, params, drafter_params if self.drafter_graphdef is not None else None)
             placed[r.index] = (p, dp)
             sel = [prompts[i] for i in rows] + [prompts[rows[0]]] * pad
             toks, valid = pad_prompts(sel, side="left", multiple=self.prompt_multiple)
             lim = np.concatenate([limits[rows], np.ones(pad, np.int32)])
-            shard = NamedSharding(r.mesh, P("data") if self.top_bucket % r.data_size == 0 else P())
-            args = [jax.device_put(x, shard) for x in (toks, valid, lim)]
-            key = jax.device_put(jax.random.fold_in(jax.random.PRNGKey(seed), r.index), NamedSharding(r.mesh, P()))
+            args = [jax.device_put(x, r.rows(self.top_bucket)) for x in (toks, valid, lim)]
+            key = jax.device_put(jax.random.fold_in(jax.random.PRNGKey(seed), r.index), r.replicated)
             start = self._pooled(
-                self.start_pool, r, (toks.shape, dp is None, spec, self.cache_len, self.graphdef, self.dgraphdef),
-                lambda: start_speculative.lower(p, dp, *args, key, graphdef=self.graphdef, dgraphdef=self.dgraphdef,
-                                                spec=spec, sspec=SpeculativeSpec(proposer="none"),
+                self.start_pool, r, (toks.shape, dp is None, spec, self.cache_len, self.graphdef,
+                                     self.drafter_graphdef),
+                lambda: start_speculative.lower(p, dp, *args, key, graphdef=self.graphdef,
+                                                drafter_graphdef=self.drafter_graphdef, spec=spec,
+                                                speculation=SpeculativeSpec(proposer="none"),
                                                 cache_len=self.cache_len).compile())
             run.state = start(p, dp, *args, key)
-            run.state = jax.device_put(run.state, _shardings(run.state, r.mesh, self.top_bucket))
+            run.state = jax.device_put(run.state, r.state_shardings(run.state))
         counters = np.zeros((len(runs), 3), np.float64)  # live rows, tokens committed by the chunk, seconds
         for run in runs:
             if run.replica.local:
@@ -382,9 +291,9 @@ class AdaptiveEngine:
             for run in runs:
                 i = run.replica.index
                 if run.live > 0:
-                    bucket = next_pow2(run.live) if self.ecfg.compact else run.bucket
+                    bucket = next_pow2(run.live) if self.config.compact else run.bucket
                     bucket = min(bucket, run.bucket)
-                    arm = "plain" if bucket > self.ecfg.sd_threshold else bandit.choose(bucket)
+                    arm = "plain" if bucket > self.config.sd_threshold else bandit.choose(bucket)
                     plan.append((i, "rollout", bucket, arm))
                 elif spot is not None:
                     plan.append((i, "drafter", 0, ""))
@@ -405,7 +314,7 @@ class AdaptiveEngine:
                     fill = np.nonzero(done)[0][0]
                     idx = np.concatenate([keep, np.full(bucket - len(keep), fill)]).astype(np.int32)
                     st = _take_rows(run.state, jnp.asarray(idx))
-                    run.state = jax.device_put(st, _shardings(st, run.replica.mesh, bucket))
+                    run.state = jax.device_put(st, run.replica.state_shardings(st))
                     run.rows = np.concatenate([run.rows[keep], -np.ones(bucket - len(keep), np.int64)])
                     run.num_host = run.num_host[idx]
                     run.bucket = bucket
@@ -435,7 +344,7 @@ class AdaptiveEngine:
                     continue
                 gained, secs = counters[i, 1], counters[i, 2]
                 reward = gained / secs if secs > 0 else float("nan")
-                if bucket <= self.ecfg.sd_threshold:
+                if bucket <= self.config.sd_threshold:
                     bandit.update(bucket, arm, reward)
                 timeline.append((chunk, i, bucket, arm, float(secs), float(gained)))
             chunk += 1
@@ -445,17 +354,13 @@ class AdaptiveEngine:
                 self._harvest(run, out)
         spot_metrics = spot.end() if spot is not None else {}
         out = self._merge_results(out)
-        lengths = out["num"]
-        result = RolloutResult(tokens=[out["tokens"][i, :lengths[i]].tolist() for i in range(b)],
-                               logprobs=[out["logprobs"][i, :lengths[i]] for i in range(b)], lengths=lengths,
-                               finish_reasons=[FINISH_NAMES[int(f)] for f in out["finish"]],
-                               prefill_s=t_prefill, decode_s=t_end - t_start - t_prefill, num_chunks=chunk)
         idle = [(t_end - run.finished_at) * len(run.replica.devices) for run in runs if run.finished_at is not None]
         stats = {"phase": phase, "chunks": chunk, "rollout_s": t_end - t_start,
                  "idle_device_s": float(sum(idle)), "spot_steps": int(self._merge_sum(spot_steps).sum()),
                  "arm_chunks": _count_arms(timeline), **{f"pool_{k}": v for k, v in self.pool.stats().items()},
                  **spot_metrics}
-        return EngineResult(result, out["accepted"], out["verifies"], stats, decisions)
+        return output_from_rows(out, prefill_s=t_prefill, decode_s=t_end - t_start - t_prefill, num_chunks=chunk,
+                                stats=stats, decisions=decisions)
 
     # ------------------------------------------------------------------------------------------ gathering
 
@@ -483,6 +388,9 @@ class AdaptiveEngine:
             merged[k] = g[owner, np.arange(v.shape[0])]
         merged["have"] = have.any(0)
         return merged
+
+
+OUT_FIELDS = ("tokens", "logprobs", "num_tokens", "finish", "accepted", "verifies")
 
 
 def _count_arms(timeline) -> Dict[str, int]:

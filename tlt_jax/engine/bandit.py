@@ -17,7 +17,8 @@ from typing import Deque, Dict, List, Mapping, Sequence
 
 import numpy as np
 
-from tlt_jax.errors import ConfigError
+from tlt_jax.core.errors import ConfigError
+from tlt_jax.core.seeds import numpy_stream
 
 
 class BucketBandit:
@@ -38,7 +39,7 @@ class BucketBandit:
         self.epsilon = float(epsilon)
         self.window = int(window)
         self.min_pulls = max(1, min(int(min_pulls), self.window))
-        self._rng = np.random.default_rng([int(seed), 8191])
+        self._rng = numpy_stream(int(seed), "bandit")
         self._rewards: Dict[int, Dict[str, Deque[float]]] = {
             b: {a: collections.deque(maxlen=self.window) for a in names} for b, names in self.arms.items()}
         self.pulls: Dict[int, Dict[str, int]] = {b: {a: 0 for a in names} for b, names in self.arms.items()}

@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, Hashable, Optional, Sequence
 import jax
 import numpy as np
 
-from tlt_jax.errors import ConfigError
+from tlt_jax.core.errors import ConfigError
 
 
 class ProgramPool:

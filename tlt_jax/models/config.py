@@ -7,7 +7,7 @@ from typing import Any, Mapping, Optional
 
 import jax.numpy as jnp
 
-from tlt_jax.errors import ConfigError, UnsupportedModelError
+from tlt_jax.core.errors import ConfigError, UnsupportedModelError
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 

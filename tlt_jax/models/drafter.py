@@ -25,7 +25,7 @@ from flax import nnx
 
 from kernels_pallas.attention import cached_attention
 from tlt_jax.models.config import ModelConfig
-from tlt_jax.models.decoder import MLP, Attention, Decoder, RMSNorm, _write, apply_rope, rope_inv_freq
+from tlt_jax.models.decoder import MLP, Attention, Decoder, RMSNorm, write_kv, apply_rope, rope_inv_freq
 from tlt_jax.models.kv_cache import KVCache, init_cache
 
 F32 = jnp.float32
@@ -149,7 +149,7 @@ class Drafter(nnx.Module):
         hidden = x + self.layer.mlp(self.layer.post_attention_layernorm(x))
         new_cache = cache
         if cache is not None and write_slots is not None:
-            kc, vc = _write(kc, vc, k, v, write_slots)
+            kc, vc = write_kv(kc, vc, k, v, write_slots)
             new_cache = cache.replace(k=(kc,), v=(vc,))
         return hidden, (k, v), new_cache
 

@@ -1,27 +1,24 @@
-"""A (data, fsdp, tensor) device mesh from config."""
+"""A (data, fsdp, tensor) device mesh from the sizes of the ``mesh`` config section."""
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Mapping, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
-from tlt_jax.errors import ConfigError
+from tlt_jax.core.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the rollout batch is split over both
 
 
-def mesh_shape_from_config(mesh_cfg, num_devices: int) -> Tuple[int, int, int]:
-    """Resolves -1 (fill) and checks that data x fsdp x tensor equals the device count."""
-    sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
-    for a, s in zip(MESH_AXES, sizes):
-        if s == 0 or s < -1:
-            raise ConfigError(f"mesh.{a} must be a positive size or -1, got {s}")
-    if sizes.count(-1) > 1:
-        raise ConfigError("at most one mesh axis may be -1")
+def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> Tuple[int, int, int]:
+    """Resolves the one axis that may be -1 (fill) and checks that data x fsdp x tensor equals the device count.
+    The sizes themselves (positive or -1, at most one -1) are checked where the config is read
+    (``app.specs``)."""
+    sizes = [int(sizes[a]) for a in MESH_AXES]
     known = int(np.prod([s for s in sizes if s != -1]))
     if -1 in sizes:
         if num_devices % known:
@@ -35,19 +32,18 @@ def mesh_shape_from_config(mesh_cfg, num_devices: int) -> Tuple[int, int, int]:
     return tuple(sizes)
 
 
-def apply_cpu_devices(config, log=print) -> None:
-    """``mesh.cpu_devices`` > 0: the CPU backend starts with that many devices (rollout replicas can then run
-    concurrently on one host). Must run before anything starts JAX's backends; afterwards it only warns."""
-    n = int(config.mesh.get("cpu_devices", 0))
-    if n <= 0:
+def apply_cpu_devices(count: int, log=print) -> None:
+    """``count`` > 0: the CPU backend starts with that many devices (rollout replicas can then run concurrently on
+    one host). Must run before anything starts JAX's backends; afterwards it only warns."""
+    if count <= 0:
         return
     try:
-        jax.config.update("jax_num_cpu_devices", n)
+        jax.config.update("jax_num_cpu_devices", int(count))
     except RuntimeError as e:
-        log(f"[tlt] mesh.cpu_devices={n} ignored: JAX has already started ({e})")
+        log(f"[tlt] mesh.cpu_devices={count} ignored: JAX has already started ({e})")
 
 
-def make_mesh(mesh_cfg, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+def make_mesh(sizes: Mapping[str, int], devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
     devices = list(jax.devices() if devices is None else devices)
-    shape = mesh_shape_from_config(mesh_cfg, len(devices))
+    shape = mesh_shape(sizes, len(devices))
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)

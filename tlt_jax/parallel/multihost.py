@@ -10,6 +10,7 @@ order, with arrays of the same shape and dtype.
 from __future__ import annotations
 
 import math
+import os
 import socket
 import time
 from typing import Any, Optional
@@ -17,6 +18,8 @@ from typing import Any, Optional
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
+
+from tlt_jax.core.errors import ConfigError
 
 _joined: Optional[tuple] = None  # (coordinator, num_processes, process_id) once initialize() has run
 
@@ -152,10 +155,6 @@ def add_arguments(ap) -> None:
 def join_from_arguments(args, log=print) -> bool:
     """Joins the job's processes as ``add_arguments``' flags (or the TLT_* variables) say; False for a
     single-process job. Must run before anything starts JAX's backend."""
-    import os
-
-    from tlt_jax.errors import ConfigError
-
     coordinator = args.coordinator or os.environ.get(ENV_COORDINATOR)
     local = args.local_devices if args.local_devices is not None else os.environ.get(ENV_LOCAL_DEVICES)
     if local and int(local) < 1:
@@ -197,3 +196,10 @@ def describe_failure(e: BaseException) -> str:
         return (f"{me} lost contact with the other processes ({text}); one of them has probably died: see its "
                 f"log for the first error")
     return f"{me} failed: {text}"
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for a coordinator started on this machine)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -1,32 +1,55 @@
-"""Regex sharding rules for parameters and the KV cache.
+"""Sharding as data: rules that map a pytree leaf's dotted path to mesh axes per dimension.
 
-A rule maps a parameter path ('layers.3.self_attn.q_proj.kernel') to mesh axes per dimension. A dimension
-whose size the mesh axis does not divide is replicated instead, so every rule set fits every model.
+A rule is (pattern, axes): the pattern must match the whole path (``re.fullmatch``), the first matching rule
+wins, and every rule set ends with an explicit catch-all, so no leaf is laid out by accident; a path no rule
+matches is an error. A dimension whose size the mesh axis does not divide is replicated instead, and an axis
+the mesh lacks is dropped (a rollout replica's (data, tensor) mesh has no fsdp axis), so one rule set fits
+every model and every mesh.
+
+Two rule sets: ``PARAM_RULES`` for the policy's parameters (FSDP over the model dimension, tensor parallelism
+over heads, FFN and vocabulary) and ``STATE_RULES`` for rollout states (every leaf is per row, split over the
+batch axes; KV caches also over the tensor axis by head; the RNG key replicated).
 """
 
 from __future__ import annotations
 
 import re
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, NamedTuple, Sequence, Tuple
 
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from tlt_jax.models.weights import abstract_model, state_path
+from tlt_jax.core.errors import ConfigError
+from tlt_jax.core.trees import path_name
+from tlt_jax.models.decoder import abstract_model
 from tlt_jax.parallel.mesh import BATCH_AXES
 
+
+class ShardingRule(NamedTuple):
+    pattern: str  # a regular expression matched against the whole dotted path
+    axes: Tuple  # per dimension: a mesh axis name, a tuple of names, or None
+
+
 # FSDP over the model dimension, tensor parallelism over heads / FFN / vocabulary (Megatron-style pairs).
-PARAM_RULES: Tuple[Tuple[str, Tuple], ...] = (
-    (r"embed_tokens\.embedding$", ("tensor", "fsdp")),  # [V, H]
-    (r"lm_head\.kernel$", ("fsdp", "tensor")),  # [H, V]
-    (r"(q_proj|k_proj|v_proj)\.kernel$", ("fsdp", "tensor")),  # [H, N*D]
-    (r"(q_proj|k_proj|v_proj)\.bias$", ("tensor",)),
-    (r"o_proj\.kernel$", ("tensor", "fsdp")),  # [N*D, H]
-    (r"(gate_proj|up_proj)\.kernel$", ("fsdp", "tensor")),  # [H, F]
-    (r"down_proj\.kernel$", ("tensor", "fsdp")),  # [F, H]
-    (r".*", ()),  # norms and anything else: replicated
+PARAM_RULES: Tuple[ShardingRule, ...] = (
+    ShardingRule(r"embed_tokens\.embedding", ("tensor", "fsdp")),  # [V, H]
+    ShardingRule(r"lm_head\.kernel", ("fsdp", "tensor")),  # [H, V]
+    ShardingRule(r"layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj)\.kernel", ("fsdp", "tensor")),  # [H, N*D]
+    ShardingRule(r"layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj)\.bias", ("tensor",)),
+    ShardingRule(r"layers\.\d+\.self_attn\.o_proj\.kernel", ("tensor", "fsdp")),  # [N*D, H]
+    ShardingRule(r"layers\.\d+\.mlp\.(gate_proj|up_proj)\.kernel", ("fsdp", "tensor")),  # [H, F]
+    ShardingRule(r"layers\.\d+\.mlp\.down_proj\.kernel", ("tensor", "fsdp")),  # [F, H]
+    ShardingRule(r".*", ()),  # catch-all: norms and anything else replicated
+)
+
+# Rollout states (plain and speculative): per-row leaves over the batch axes.
+STATE_RULES: Tuple[ShardingRule, ...] = (
+    ShardingRule(r"(cache|dcache)\.(k|v)\.\d+", (BATCH_AXES, "tensor")),  # [B, KV heads, S, D]
+    ShardingRule(r"rng", ()),  # the state's RNG key: one for the batch
+    ShardingRule(r".*", (BATCH_AXES,)),  # catch-all: every other leaf is per row ([B, ...])
 )
 
 
@@ -58,28 +81,30 @@ def fit_spec(shape: Sequence[int], axes: Sequence, mesh: Mesh) -> P:
     return P(*out)
 
 
-def spec_for(path: str, shape: Sequence[int], mesh: Mesh, rules=PARAM_RULES) -> P:
-    for pattern, axes in rules:
-        if re.search(pattern, path):
-            return fit_spec(shape, axes, mesh)
-    return P()
+def spec_for(path: str, shape: Sequence[int], mesh: Mesh, rules: Sequence[ShardingRule] = PARAM_RULES) -> P:
+    """The PartitionSpec of the first rule whose pattern matches the whole ``path``."""
+    for rule in rules:
+        if re.fullmatch(rule.pattern, path):
+            return fit_spec(shape, rule.axes, mesh)
+    raise ConfigError(f"no sharding rule matches {path!r}; end the rule set with an explicit catch-all "
+                      f"ShardingRule(r'.*', ())")
 
 
-def param_shardings(cfg, mesh: Mesh, rules=PARAM_RULES) -> Dict[str, NamedSharding]:
+def param_shardings(cfg, mesh: Mesh, rules: Sequence[ShardingRule] = PARAM_RULES) -> Dict[str, NamedSharding]:
     """Path -> NamedSharding for every parameter of the model described by ``cfg`` (no allocation)."""
     _, state = nnx.split(abstract_model(cfg))
     out = {}
     for path, leaf in jax.tree_util.tree_leaves_with_path(state):
-        name = state_path(path)
+        name = path_name(path)
         out[name] = NamedSharding(mesh, spec_for(name, leaf.shape, mesh, rules))
     return out
 
 
-def shard_model(model, mesh: Mesh, rules=PARAM_RULES):
+def shard_model(model, mesh: Mesh, rules: Sequence[ShardingRule] = PARAM_RULES):
     """Places an existing model's parameters on the mesh (returns a new module)."""
     graphdef, state = nnx.split(model)
     shard = param_shardings(model.cfg, mesh, rules)
-    state = jax.tree_util.tree_map_with_path(lambda p, x: jax.device_put(x, shard[state_path(p)]), state)
+    state = jax.tree_util.tree_map_with_path(lambda p, x: jax.device_put(x, shard[path_name(p)]), state)
     return nnx.merge(graphdef, state)
 
 
@@ -89,9 +114,10 @@ def batch_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
 
 
 def cache_shardings(cfg, mesh: Mesh, batch: int, max_len: int) -> NamedSharding:
-    """Sharding of each [B, KVH, S, D] cache array: batch over data x fsdp, KV heads over tensor."""
+    """Sharding of each [B, KVH, S, D] cache array (``STATE_RULES``): batch over data x fsdp, KV heads over
+    tensor."""
     shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
-    return NamedSharding(mesh, fit_spec(shape, (BATCH_AXES, "tensor"), mesh))
+    return NamedSharding(mesh, spec_for("cache.k.0", shape, mesh, STATE_RULES))
 
 
 def bytes_per_device(abstract_tree, shardings) -> np.ndarray:
@@ -113,10 +139,11 @@ def bytes_per_device(abstract_tree, shardings) -> np.ndarray:
 # ------------------------------------------------------------------------------------------ trees on a mesh
 
 
-def tree_shardings(state, mesh: Mesh, rules=PARAM_RULES):
-    """A tree of NamedShardings matching ``state`` (an nnx.State of parameters), laid out by ``rules``."""
+def tree_shardings(state, mesh: Mesh, rules: Sequence[ShardingRule] = PARAM_RULES):
+    """A tree of NamedShardings matching ``state`` (an nnx.State of parameters, or a rollout state with
+    ``STATE_RULES``), laid out by ``rules``."""
     return jax.tree_util.tree_map_with_path(
-        lambda p, x: NamedSharding(mesh, spec_for(state_path(p), np.shape(x), mesh, rules)), state)
+        lambda p, x: NamedSharding(mesh, spec_for(path_name(p), np.shape(x), mesh, rules)), state)
 
 
 def opt_state_shardings(opt_state, params, param_shards, mesh: Mesh):
@@ -150,8 +177,6 @@ def to_host(x) -> np.ndarray:
     """The whole value of an array on every process (an all-gather when its shards live on several processes)."""
     if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
         return np.asarray(x)
-    from jax.experimental import multihost_utils
-
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 

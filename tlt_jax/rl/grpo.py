@@ -8,7 +8,7 @@ tokens that are trained on. Answer token j is predicted by the logits at index P
 from __future__ import annotations
 
 import functools
-from typing import Dict, NamedTuple, Optional, Tuple
+from typing import Dict, NamedTuple, Tuple
 
 import chex
 import jax
@@ -17,7 +17,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from tlt_jax.models.decoder import Decoder
+from jax.sharding import NamedSharding, PartitionSpec
+
+from tlt_jax.models.decoder import Decoder, padded_causal_mask
+from tlt_jax.parallel.sharding import batch_sharding
 
 ADVANTAGES = ("grpo", "drgrpo")
 AGGREGATIONS = ("token_mean", "seq_mean")
@@ -58,10 +61,8 @@ def group_advantages(rewards: np.ndarray, kind: str = "grpo", eps: float = 1e-6)
 
 
 def _positions_and_mask(valid: jax.Array) -> Tuple[jax.Array, jax.Array]:
-    b, l = valid.shape
     positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)
-    mask = jnp.tril(jnp.ones((l, l), bool))[None] & (valid[:, None, :] | jnp.eye(l, dtype=bool)[None])
-    return positions, mask
+    return positions, padded_causal_mask(valid)
 
 
 def answer_logprobs(model: Decoder, tokens: jax.Array, valid: jax.Array, num_answer: int, temperature: float,
@@ -92,42 +93,35 @@ def _logprob(params, tokens, valid, *, graphdef, num_answer: int, temperature: f
 logprob_forward = functools.partial(jax.jit, static_argnames=("graphdef", "num_answer", "temperature"))(_logprob)
 
 
-def policy_loss(logp: jax.Array, batch: TrainBatch, cfg: GRPOConfig) -> Tuple[jax.Array, Dict[str, jax.Array]]:
-    """PPO-clip loss with optional k3 KL, aggregated per ``cfg.aggregation``; returns (loss, metrics)."""
+def policy_loss(logp: jax.Array, batch: TrainBatch, config: GRPOConfig) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+    """PPO-clip loss with optional k3 KL, aggregated per ``config.aggregation``; returns (loss, metrics)."""
     m = batch.answer_mask.astype(jnp.float32)
     adv = batch.advantages[:, None]
     log_ratio = logp - batch.old_logp
     ratio = jnp.exp(log_ratio)
     unclipped = ratio * adv
-    clipped = jnp.clip(ratio, 1.0 - cfg.clip_eps, 1.0 + cfg.clip_eps) * adv
+    clipped = jnp.clip(ratio, 1.0 - config.clip_eps, 1.0 + config.clip_eps) * adv
     per_tok = -jnp.minimum(unclipped, clipped)
     kl = jnp.zeros_like(per_tok)
-    if cfg.kl_coef > 0:
+    if config.kl_coef > 0:
         d = batch.ref_logp - logp
         kl = jnp.exp(d) - d - 1.0  # k3: unbiased, non-negative, low variance
-        per_tok = per_tok + cfg.kl_coef * kl
+        per_tok = per_tok + config.kl_coef * kl
 
     def agg(x):
-        if cfg.aggregation == "token_mean":
+        if config.aggregation == "token_mean":
             return (x * m).sum() / jnp.maximum(m.sum(), 1.0)
         per_seq = (x * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
         has = (m.sum(1) > 0).astype(jnp.float32)
         return (per_seq * has).sum() / jnp.maximum(has.sum(), 1.0)
 
     loss = agg(per_tok)
-    clip_frac = agg((jnp.abs(ratio - 1.0) > cfg.clip_eps).astype(jnp.float32))
+    clip_frac = agg((jnp.abs(ratio - 1.0) > config.clip_eps).astype(jnp.float32))
     return loss, {"pg_loss": loss, "kl": agg(kl), "clip_frac": clip_frac, "ratio_mean": agg(ratio)}
 
 
-def make_optimizer(lr: float, weight_decay: float = 0.0, clip: float = 1.0, warmup_steps: int = 0
-                   ) -> optax.GradientTransformation:
-    sched = optax.linear_schedule(0.0, lr, warmup_steps) if warmup_steps > 0 else lr
-    return optax.chain(optax.clip_by_global_norm(clip), optax.adamw(sched, b1=0.9, b2=0.999,
-                                                                    weight_decay=weight_decay))
-
-
 def _update(params, opt_state, batch: TrainBatch, *, graphdef, optimizer: optax.GradientTransformation,
-            cfg: GRPOConfig):
+            config: GRPOConfig):
     """One optimizer step on a mini-batch. A non-finite loss or gradient leaves params and optimizer state
     unchanged (metrics['skipped'] = 1): the caller warns and the run goes on."""
     n = batch.answer_mask.shape[1]
@@ -135,8 +129,8 @@ def _update(params, opt_state, batch: TrainBatch, *, graphdef, optimizer: optax.
 
     def loss_fn(p):
         model = nnx.merge(graphdef, p)
-        logp, entropy, _ = answer_logprobs(model, batch.tokens, batch.valid, n, cfg.temperature, cfg.remat)
-        loss, metrics = policy_loss(logp, batch, cfg)
+        logp, entropy, _ = answer_logprobs(model, batch.tokens, batch.valid, n, config.temperature, config.remat)
+        loss, metrics = policy_loss(logp, batch, config)
         m = batch.answer_mask.astype(jnp.float32)
         metrics["entropy"] = jax.lax.stop_gradient((entropy * m).sum() / jnp.maximum(m.sum(), 1.0))
         return loss, metrics
@@ -154,7 +148,7 @@ def _update(params, opt_state, batch: TrainBatch, *, graphdef, optimizer: optax.
     return params, opt_state, metrics
 
 
-update_step = functools.partial(jax.jit, static_argnames=("graphdef", "optimizer", "cfg"),
+update_step = functools.partial(jax.jit, static_argnames=("graphdef", "optimizer", "config"),
                                 donate_argnames=("params", "opt_state"))(_update)
 update_step.__doc__ = _update.__doc__
 
@@ -162,21 +156,17 @@ update_step.__doc__ = _update.__doc__
 def batch_shardings(mesh, batch_size: int) -> TrainBatch:
     """Shardings of a :class:`TrainBatch` of ``batch_size`` rows: rows over the mesh's data and fsdp axes
     (replicated when they do not divide the batch), the other dimensions whole."""
-    from tlt_jax.parallel.sharding import batch_sharding
-
     two = batch_sharding(mesh, (batch_size, 1))
     return TrainBatch(two, two, two, batch_sharding(mesh, (batch_size,)), two, two)
 
 
-def sharded_update(mesh, graphdef, optimizer: optax.GradientTransformation, cfg: GRPOConfig, param_shardings,
+def sharded_update(mesh, graphdef, optimizer: optax.GradientTransformation, config: GRPOConfig, param_shardings,
                    opt_shardings, batch_shards: TrainBatch):
     """The update step compiled for a mesh: parameters and optimizer state stay laid out as given (FSDP and
     tensor parallelism by the sharding rules), the batch is split over rows, metrics come back replicated. The
     parameters and optimizer state passed in are donated. ``.lower(...)`` on abstract arrays compiles it ahead
     of time."""
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    fn = functools.partial(_update, graphdef=graphdef, optimizer=optimizer, cfg=cfg)
+    fn = functools.partial(_update, graphdef=graphdef, optimizer=optimizer, config=config)
     return jax.jit(fn, in_shardings=(param_shardings, opt_shardings, batch_shards),
                    out_shardings=(param_shardings, opt_shardings, NamedSharding(mesh, PartitionSpec())),
                    donate_argnums=(0, 1))
@@ -185,8 +175,6 @@ def sharded_update(mesh, graphdef, optimizer: optax.GradientTransformation, cfg:
 def sharded_logprob(mesh, graphdef, num_answer: int, temperature: float, param_shardings, batch_shards: TrainBatch):
     """:func:`logprob_forward` compiled for a mesh: (params, tokens, valid) -> (log-probs, entropy, hidden), all
     split over rows like the batch."""
-    from jax.sharding import NamedSharding, PartitionSpec
-
     rows = NamedSharding(mesh, PartitionSpec(batch_shards.tokens.spec[0]))
     fn = functools.partial(_logprob, graphdef=graphdef, num_answer=num_answer, temperature=temperature)
     return jax.jit(fn, in_shardings=(param_shardings, batch_shards.tokens, batch_shards.valid),

@@ -10,6 +10,8 @@ import threading
 import warnings
 from typing import Callable, List, NamedTuple, Optional, Sequence
 
+from tlt_jax.data.answers import last_boxed
+
 MAX_BOXED_CHARS = 200  # longer "answers" are garbage, not worth a parser's time
 
 
@@ -18,27 +20,6 @@ class RewardOutput(NamedTuple):
     correct: List[bool]  # the boxed answer verifies against the gold one
     formatted: List[bool]  # exactly the expected shape (a boxed answer, the answer finished)
     errors: int  # answers whose scoring raised (scored 0)
-
-
-def last_boxed(text: str) -> Optional[str]:
-    """Content of the last ``\\boxed{...}`` (balanced braces) in ``text``, or None."""
-    start = text.rfind("\\boxed")
-    while start >= 0:
-        i = start + len("\\boxed")
-        while i < len(text) and text[i] == " ":
-            i += 1
-        if i < len(text) and text[i] == "{":
-            depth, j = 0, i
-            while j < len(text):
-                if text[j] == "{":
-                    depth += 1
-                elif text[j] == "}":
-                    depth -= 1
-                    if depth == 0:
-                        return text[i + 1:j].strip()
-                j += 1
-        start = text.rfind("\\boxed", 0, start)
-    return None
 
 
 def _timeout() -> Optional[int]:

@@ -12,7 +12,7 @@ from typing import Tuple
 import jax
 import jax.numpy as jnp
 
-from tlt_jax.errors import ConfigError
+from tlt_jax.core.errors import ConfigError
 
 NEG_INF = -jnp.inf
 

@@ -18,9 +18,7 @@ acceptance length = committed tokens / target forwards.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import time
-from typing import Callable, List, NamedTuple, Optional, Sequence
+from typing import Optional
 
 import flax.struct
 import jax
@@ -28,14 +26,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tlt_jax.errors import ConfigError, InputError
-from tlt_jax.models.decoder import Decoder, decode, prefill, verify
+from tlt_jax.core.errors import ConfigError, InputError
+from tlt_jax.models.config import ModelConfig
+from tlt_jax.models.decoder import Decoder, decode, padded_causal_mask, prefill, verify, write_kv
 from tlt_jax.models.drafter import Drafter, init_drafter_cache
 from tlt_jax.models.kv_cache import KVCache, init_cache
 from tlt_jax.rollout.acceptance import get_rule
-from tlt_jax.rollout.decode import (FINISH_CACHE, FINISH_LENGTH, FINISH_NAMES, FINISH_RUNNING, FINISH_STOP,
-                                    RolloutResult, RolloutSpec, _constrain_cache, is_stop_token,
-                                    prepare_batch)
+from tlt_jax.rollout.decode import FINISH_RUNNING, RolloutSpec, finish_reason, is_stop_token
 from tlt_jax.rollout.ngram import propose_ngram
 from tlt_jax.rollout.sampling import sample
 from tlt_jax.rollout.tree import DraftTree, SpecStrategy, ancestor_mask, chain_tree
@@ -187,7 +184,7 @@ def _extend_drafter(drafter: Drafter, target: Decoder, dcache: KVCache, feats, t
     valid = (j < count[:, None]) & active[:, None]
     pos = dcache.lengths[:, None] + j
     slots = jnp.where(valid, pos, dcache.max_len)
-    mask = jnp.tril(jnp.ones((w, w), bool))[None] & (valid[:, None, :] | jnp.eye(w, dtype=bool)[None])
+    mask = padded_causal_mask(valid)
     hid, _, dcache = drafter(target, tokens, feats, pos.astype(jnp.int32), mask, dcache,
                              write_slots=slots.astype(jnp.int32))
     last = jnp.maximum(count - 1, 0)
@@ -199,13 +196,13 @@ def _extend_drafter(drafter: Drafter, target: Decoder, dcache: KVCache, feats, t
 # ------------------------------------------------------------------------------------------------ programs
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "dgraphdef", "spec", "sspec", "cache_len"))
-def start_speculative(params, dparams, prompt_tokens, prompt_valid, max_new, rng, *, graphdef, dgraphdef,
-                      spec: RolloutSpec, sspec: SpeculativeSpec, cache_len: int) -> SpecState:
+def speculative_start(params, drafter_params, prompt_tokens, prompt_valid, max_new, rng, *, graphdef,
+                      drafter_graphdef, spec: RolloutSpec, speculation: SpeculativeSpec, cache_len: int
+                      ) -> SpecState:
     """Prefill the target (and the drafter over the prompt's (feature, next token) pairs); first token."""
     model: Decoder = nnx.merge(graphdef, params)
     b, p = prompt_tokens.shape
-    cache = _constrain_cache(init_cache(model.cfg, b, cache_len))
+    cache = init_cache(model.cfg, b, cache_len)
     valid = prompt_valid.astype(bool)
     logits_all, hidden, cache = prefill(model, prompt_tokens, valid, cache, all_logits=False, use_prefix=False,
                                         attn_impl=spec.attn_impl)
@@ -217,14 +214,14 @@ def start_speculative(params, dparams, prompt_tokens, prompt_valid, max_new, rng
     history = jnp.zeros((b, cache_len + 1), jnp.int32)
     history = history.at[rows[:, None], jnp.where(valid, rank, cache_len + 1)].set(prompt_tokens, mode="drop")
     history = history.at[rows, n].set(tok)
-    if dgraphdef is not None:
-        drafter: Drafter = nnx.merge(dgraphdef, dparams)
+    if drafter_graphdef is not None:
+        drafter: Drafter = nnx.merge(drafter_graphdef, drafter_params)
         # Pair at prompt index t: (f_t, next valid token), the sampled token after the last valid one.
         last = jnp.argmax(jnp.where(valid, jnp.arange(p)[None], -1), axis=1)
         nxt = jnp.concatenate([prompt_tokens[:, 1:], prompt_tokens[:, -1:]], axis=1)
         nxt = jnp.where(jnp.arange(p)[None] == last[:, None], tok[:, None], nxt)
         dcache = init_drafter_cache(model.cfg, b, cache_len)
-        mask = (jnp.tril(jnp.ones((p, p), bool))[None] & valid[:, None, :]) | jnp.eye(p, dtype=bool)[None]
+        mask = padded_causal_mask(valid)
         positions = jnp.maximum(rank, 0).astype(jnp.int32)
         slots = jnp.where(valid, positions, cache_len).astype(jnp.int32)
         hid, _, dcache = drafter(model, nxt, hidden, positions, mask, dcache, write_slots=slots, read_cache=False)
@@ -237,12 +234,9 @@ def start_speculative(params, dparams, prompt_tokens, prompt_valid, max_new, rng
     tokens = jnp.zeros((b, nmax), jnp.int32).at[:, 0].set(tok)
     logprobs = jnp.zeros((b, nmax), jnp.float32).at[:, 0].set(lp.astype(jnp.float32))
     num = jnp.ones((b,), jnp.int32)
-    stop = is_stop_token(tok, spec)
     # int32 (not weakly typed from the Python constants): the chunk's output state must match its input state's
     # types exactly, or every program would compile a second time for the state it returns
-    reason = jnp.where(stop, FINISH_STOP, jnp.where(num >= max_new, FINISH_LENGTH,
-                                                     jnp.where(n >= cache_len, FINISH_CACHE, FINISH_RUNNING)))
-    reason = reason.astype(jnp.int32)
+    reason = finish_reason(is_stop_token(tok, spec), num >= max_new, n >= cache_len)
     zeros = jnp.zeros((b,), jnp.int32)
     return SpecState(cache=cache, dcache=dcache, draft_hidden=draft_hidden, history=history, next_token=tok,
                      tokens=tokens, logprobs=logprobs, num_tokens=num, done=reason != FINISH_RUNNING,
@@ -250,9 +244,9 @@ def start_speculative(params, dparams, prompt_tokens, prompt_valid, max_new, rng
 
 
 def speculative_step(model: Decoder, drafter: Optional[Drafter], head_w, st: SpecState, spec: RolloutSpec,
-                     sspec: SpeculativeSpec) -> SpecState:
-    strat = sspec.strategy
-    d_max = sspec.draft_depth
+                     speculation: SpeculativeSpec) -> SpecState:
+    strat = speculation.strategy
+    d_max = speculation.draft_depth
     b = st.next_token.shape[0]
     rows = jnp.arange(b)
     active = ~st.done
@@ -260,15 +254,15 @@ def speculative_step(model: Decoder, drafter: Optional[Drafter], head_w, st: Spe
     n = cache.lengths
     s_max = cache.max_len
     # 1. draft
-    if sspec.proposer == "eagle":
+    if speculation.proposer == "eagle":
         tree = grow_tree(drafter, model, head_w, st.dcache, st.draft_hidden, st.next_token, strat)
-    elif sspec.proposer == "none":
+    elif speculation.proposer == "none":
         tree = chain_tree(st.next_token, jnp.zeros((b, 0), jnp.int32))
     else:
-        drafts = propose_ngram(st.history, n + 1, d_max, sspec.ngram_max, sspec.ngram_min)
+        drafts = propose_ngram(st.history, n + 1, d_max, speculation.ngram_max, speculation.ngram_min)
         tree = chain_tree(st.next_token, drafts)
     # 2. verify
-    if sspec.proposer == "none":
+    if speculation.proposer == "none":
         # A plain step: the decode forward writes the root's key/value in place (no separate commit), which
         # is cheaper than a one-token verify followed by a scatter; the same numbers either way.
         logits1, hidden1, written = decode(model, st.next_token, cache, active, attn_impl=spec.attn_impl)
@@ -279,7 +273,7 @@ def speculative_step(model: Decoder, drafter: Optional[Drafter], head_w, st: Spe
         logits, hidden, new_kv = verify(model, tree.tokens, positions, mask, cache, attn_impl=spec.attn_impl)
     # 3. accept
     rng, key = jax.random.split(st.rng)
-    acc = get_rule(sspec.acceptance)(key, logits, tree, spec.sampling, d_max)
+    acc = get_rule(speculation.acceptance)(key, logits, tree, spec.sampling, d_max)
     w = d_max + 1
     j = jnp.arange(w, dtype=jnp.int32)[None, :]
     emitted = acc.num_accepted + 1
@@ -298,9 +292,7 @@ def speculative_step(model: Decoder, drafter: Optional[Drafter], head_w, st: Spe
     history = st.history.at[rows[:, None], hist_cols].set(acc.tokens, mode="drop")
     last_tok = jnp.take_along_axis(acc.tokens, jnp.maximum(count - 1, 0)[:, None], axis=1)[:, 0]
     new_len = n + count
-    reason = jnp.where(is_stop_token(last_tok, spec), FINISH_STOP,
-                       jnp.where(num >= st.max_new, FINISH_LENGTH,
-                                 jnp.where(new_len >= s_max, FINISH_CACHE, FINISH_RUNNING)))
+    reason = finish_reason(is_stop_token(last_tok, spec), num >= st.max_new, new_len >= s_max)
     newly = active & (reason != FINISH_RUNNING)
     # 4. commit: the root and the accepted nodes (count entries) go to slots n .. n + count - 1
     slots = jnp.where(j < count[:, None], n[:, None] + j, s_max).astype(jnp.int32)
@@ -312,7 +304,7 @@ def speculative_step(model: Decoder, drafter: Optional[Drafter], head_w, st: Spe
         for layer, (k_new, v_new) in enumerate(new_kv):
             kp = jnp.take_along_axis(k_new, path[:, :, None, None], axis=1)  # [B, W, KVH, D]
             vp = jnp.take_along_axis(v_new, path[:, :, None, None], axis=1)
-            kc, vc = _scatter(cache.k[layer], cache.v[layer], kp, vp, slots)
+            kc, vc = write_kv(cache.k[layer], cache.v[layer], kp, vp, slots)
             ks.append(kc)
             vs.append(vc)
         cache = cache.replace(k=tuple(ks), v=tuple(vs), lengths=new_len)
@@ -328,20 +320,12 @@ def speculative_step(model: Decoder, drafter: Optional[Drafter], head_w, st: Spe
                       verifies=st.verifies + active.astype(jnp.int32), rng=rng)
 
 
-def _scatter(k_cache, v_cache, k, v, slots):
-    b, t, kvh, _ = k.shape
-    idx = (jnp.arange(b)[:, None, None], jnp.arange(kvh)[None, None, :], slots[:, :, None])
-    return (k_cache.at[idx].set(k.astype(k_cache.dtype), mode="drop"),
-            v_cache.at[idx].set(v.astype(v_cache.dtype), mode="drop"))
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "dgraphdef", "spec", "sspec"), donate_argnames=("state",))
-def speculative_chunk(params, dparams, state: SpecState, *, graphdef, dgraphdef, spec: RolloutSpec,
-                      sspec: SpeculativeSpec) -> SpecState:
+def speculative_steps(params, drafter_params, state: SpecState, *, graphdef, drafter_graphdef, spec: RolloutSpec,
+                      speculation: SpeculativeSpec) -> SpecState:
     """At most ``spec.chunk_steps`` draft/verify steps; returns early when every row is done."""
     model: Decoder = nnx.merge(graphdef, params)
-    drafter = nnx.merge(dgraphdef, dparams) if dgraphdef is not None else None
-    head_w = drafter.head_weight(model) if sspec.proposer == "eagle" else None  # once per chunk
+    drafter = nnx.merge(drafter_graphdef, drafter_params) if drafter_graphdef is not None else None
+    head_w = drafter.head_weight(model) if speculation.proposer == "eagle" else None  # once per chunk
 
     def cond(carry):
         i, st = carry
@@ -349,23 +333,16 @@ def speculative_chunk(params, dparams, state: SpecState, *, graphdef, dgraphdef,
 
     def body(carry):
         i, st = carry
-        return i + 1, speculative_step(model, drafter, head_w, st, spec, sspec)
+        return i + 1, speculative_step(model, drafter, head_w, st, spec, speculation)
 
     _, state = jax.lax.while_loop(cond, body, (jnp.int32(0), state))
     return state
 
 
-# ------------------------------------------------------------------------------------------------ host
-
-
-class SpecResult(NamedTuple):
-    result: RolloutResult
-    accepted: np.ndarray  # [B] accepted draft tokens per row
-    verifies: np.ndarray  # [B] target forwards per row
-
-    @property
-    def accept_len(self) -> float:
-        return accept_length(self.result.lengths, self.verifies)
+START_STATIC = ("graphdef", "drafter_graphdef", "spec", "speculation", "cache_len")
+CHUNK_STATIC = ("graphdef", "drafter_graphdef", "spec", "speculation")
+start_speculative = jax.jit(speculative_start, static_argnames=START_STATIC)
+speculative_chunk = jax.jit(speculative_steps, static_argnames=CHUNK_STATIC, donate_argnames=("state",))
 
 
 def accept_length(lengths: np.ndarray, verifies: np.ndarray) -> float:
@@ -374,51 +351,14 @@ def accept_length(lengths: np.ndarray, verifies: np.ndarray) -> float:
     return float((np.sum(lengths) - len(lengths)) / fwd) if fwd else 0.0
 
 
-def check_drafter(model: Decoder, drafter: Optional[Drafter], sspec: SpeculativeSpec) -> None:
-    if sspec.proposer != "eagle":
+def check_drafter(target: ModelConfig, drafter: Optional[ModelConfig], speculation: SpeculativeSpec) -> None:
+    """The learned proposer needs a drafter built for this target."""
+    if speculation.proposer != "eagle":
         return
     if drafter is None:
-        raise InputError("the EAGLE proposer needs a drafter (train one with `python -m tlt_jax.drafter.warmup`)")
-    a, b = model.cfg, drafter.cfg
+        raise InputError("the EAGLE proposer needs a drafter (train one with `tlt-warmup --config CONFIG`)")
     keys = ("hidden_size", "vocab_size", "num_heads", "num_kv_heads", "head_dim", "intermediate_size")
-    diff = [f"{k}: target {getattr(a, k)} vs drafter {getattr(b, k)}" for k in keys if getattr(a, k) != getattr(b, k)]
+    diff = [f"{k}: target {getattr(target, k)} vs drafter {getattr(drafter, k)}" for k in keys
+            if getattr(target, k) != getattr(drafter, k)]
     if diff:
         raise InputError("the drafter was built for another target (" + "; ".join(diff) + ")")
-
-
-def generate_speculative(model: Decoder, prompts: Sequence[Sequence[int]], spec: RolloutSpec,
-                         sspec: SpeculativeSpec, drafter: Optional[Drafter] = None, *, seed: int = 0,
-                         cache_len: Optional[int] = None, max_new: Optional[Sequence[int]] = None,
-                         pad_side: str = "left", on_chunk: Optional[Callable[[SpecState], None]] = None
-                         ) -> SpecResult:
-    """Runs a speculative rollout to completion; same outputs as :func:`generate` plus acceptance counts."""
-    check_drafter(model, drafter, sspec)
-    batch = prepare_batch(model, prompts, spec, cache_len=cache_len, max_new=max_new, pad_side=pad_side)
-    if sspec.strategy.num_verify + batch.longest > batch.cache_len:
-        raise InputError(f"strategy {sspec.strategy.name} verifies {sspec.strategy.num_verify} tokens per step, "
-                         f"which with a {batch.longest}-token prompt does not fit a KV cache of {batch.cache_len} "
-                         f"slots")
-    graphdef, params = nnx.split(model)
-    dgraphdef, dparams = nnx.split(drafter) if sspec.proposer == "eagle" else (None, None)
-    t0 = time.perf_counter()
-    st = start_speculative(params, dparams, batch.tokens, batch.valid, batch.limits, jax.random.PRNGKey(seed),
-                           graphdef=graphdef, dgraphdef=dgraphdef, spec=spec, sspec=sspec,
-                           cache_len=batch.cache_len)
-    done = np.asarray(st.done)
-    t1 = time.perf_counter()
-    chunks = 0
-    while not done.all():
-        st = speculative_chunk(params, dparams, st, graphdef=graphdef, dgraphdef=dgraphdef, spec=spec, sspec=sspec)
-        chunks += 1
-        done = np.asarray(st.done)
-        if on_chunk is not None:
-            on_chunk(st)
-    t2 = time.perf_counter()
-    b = len(prompts)
-    num = np.asarray(st.num_tokens)
-    all_toks, all_lp, finish = np.asarray(st.tokens), np.asarray(st.logprobs), np.asarray(st.finish)
-    result = RolloutResult(tokens=[all_toks[i, :num[i]].tolist() for i in range(b)],
-                           logprobs=[all_lp[i, :num[i]] for i in range(b)], lengths=num,
-                           finish_reasons=[FINISH_NAMES[int(f)] for f in finish], prefill_s=t1 - t0,
-                           decode_s=t2 - t1, num_chunks=chunks)
-    return SpecResult(result, np.asarray(st.accepted), np.asarray(st.verifies))

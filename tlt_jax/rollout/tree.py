@@ -21,7 +21,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from tlt_jax.errors import ConfigError
+from tlt_jax.core.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)

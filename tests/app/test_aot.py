@@ -3,8 +3,8 @@
 import jax
 import pytest
 
-from tlt_jax.config import load_config
-from tlt_jax.parallel import aot
+from tlt_jax.app.config import load_config
+from tlt_jax.app import aot
 
 GIB = 2.0 ** 30
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (fake) devices")]

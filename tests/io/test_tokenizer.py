@@ -2,8 +2,8 @@ import time
 
 import pytest
 
-from tlt_jax.models.tokenizer import chat_prompt_ids, load_tokenizer, stop_token_ids
-from tlt_jax.errors import CheckpointError
+from tlt_jax.io.tokenizer import chat_prompt_ids, load_tokenizer, stop_token_ids
+from tlt_jax.core.errors import CheckpointError
 
 
 def test_gguf_tokenizer_cached(tmp_path, monkeypatch):
@@ -34,7 +34,7 @@ def test_gguf_tokenizer_matches_transformers(tmp_path, monkeypatch):
 
     import transformers
 
-    from tlt_jax.models.weights import embedded_gguf_path
+    from tlt_jax.io.weights import embedded_gguf_path
 
     monkeypatch.setenv("TLT_CACHE_DIR", str(tmp_path))
     path = embedded_gguf_path()

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from tests.models.hf_tiny import make_tiny_checkpoint
-from tlt_jax.errors import CheckpointError, UnsupportedModelError
-from tlt_jax.models.weights import load_checkpoint, undo_rotary_permutation
+from tlt_jax.core.errors import CheckpointError, UnsupportedModelError
+from tlt_jax.io.weights import load_checkpoint, undo_rotary_permutation
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tlt_jax import checkpoint
-from tlt_jax.errors import CheckpointError
+from tlt_jax.io import checkpoint
+from tlt_jax.core.errors import CheckpointError
 from tlt_jax.models.config import ModelConfig
 from tlt_jax.models.decoder import Decoder
 from tlt_jax.models.drafter import Drafter

@@ -4,7 +4,7 @@ import pytest
 
 from tests.helpers import strict_json
 from tlt_jax.bench.common import write_json
-from tlt_jax.jsonio import json_line
+from tlt_jax.core.jsonio import json_line
 
 
 def test_json_line_is_strict_json():

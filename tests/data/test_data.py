@@ -4,7 +4,7 @@ import pytest
 
 from tlt_jax.data.loader import load_examples, with_instruction
 from tlt_jax.data.tasks import arithmetic_problems
-from tlt_jax.errors import DataError
+from tlt_jax.core.errors import DataError
 
 
 def _write_jsonl(path, rows):

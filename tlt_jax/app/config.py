@@ -1,4 +1,5 @@
-"""ml_collections configs: the shared defaults, loading a config file, ``--config.a.b=v`` overrides, checks.
+"""ml_collections configs: the schema (the shared defaults), loading a config file, ``--config.a.b=v``
+overrides. Every value is checked once, by ``app.specs``, when a config is loaded.
 
 Every file in ``configs/`` defines ``get_config()`` returning a ConfigDict built on :func:`base_config`.
 """
@@ -13,11 +14,12 @@ from typing import Any, Iterable, List, Optional, Sequence, Tuple
 
 import ml_collections
 
+from tlt_jax.app.specs import validate
+from tlt_jax.core.errors import ConfigError
 from tlt_jax.data.tasks import INSTRUCTION as TASK_INSTRUCTION
-from tlt_jax.errors import ConfigError
-from tlt_jax.models.config import ModelConfig, RopeScaling
+from tlt_jax.models.config import ModelConfig
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
 
 SAMPLE_PROMPTS = (
     "What is 12 + 35?",
@@ -49,13 +51,15 @@ def base_config() -> ml_collections.ConfigDict:
         attn_impl="auto",  # 'auto' (Pallas kernel on GPU/TPU, jnp reference on CPU), 'reference', 'pallas_gpu', ...
     ))
     c.model.arch = arch_dict()
+    # How answers are generated, for every command (RL rollouts, tlt-generate, benchmarks): the one source of the
+    # length budget and the sampling distribution (the RL log-prob forward uses the same temperature).
     c.rollout = ml_collections.ConfigDict(dict(
-        batch_size=8,
+        batch_size=8,  # tlt-generate / tlt-inspect batch (an RL step's is rl.prompts_per_step x rl.group_size)
         max_prompt_len=256,
         max_new_tokens=128,
         cache_len=0,  # 0: prompt width + max_new_tokens, rounded up to 64
         chunk_steps=16,
-        temperature=0.0,
+        temperature=1.0,  # 0: greedy (not for RL, which samples)
         top_p=1.0,
         top_k=0,
         stop_strings=("<|im_end|>",),
@@ -130,11 +134,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.rl = ml_collections.ConfigDict(dict(
         steps=10,
         prompts_per_step=4,
-        group_size=4,  # G answers per prompt
-        max_new_tokens=128,
-        temperature=1.0,
-        top_p=1.0,
-        top_k=0,
+        group_size=4,  # G answers per prompt (sampled as rollout.* says)
         lr=1e-6,
         weight_decay=0.0,
         grad_clip=1.0,
@@ -275,133 +275,3 @@ def split_config_args(argv: Sequence[str]) -> Tuple[Optional[str], List[str], Li
             rest.append(a)
         i += 1
     return path, overrides, rest
-
-
-# ------------------------------------------------------------------------------------------------ checks
-
-
-def validate(cfg: ml_collections.ConfigDict) -> None:
-    """Range checks with messages that name the key."""
-    r = cfg.rollout
-    if not (0.0 < float(r.top_p) <= 1.0):
-        raise ConfigError(f"rollout.top_p must be in (0, 1], got {r.top_p}")
-    if float(r.temperature) < 0:
-        raise ConfigError(f"rollout.temperature must be >= 0, got {r.temperature}")
-    if int(r.top_k) < 0:
-        raise ConfigError(f"rollout.top_k must be >= 0, got {r.top_k}")
-    for key in ("batch_size", "max_prompt_len", "max_new_tokens", "chunk_steps"):
-        if int(r[key]) < 1:
-            raise ConfigError(f"rollout.{key} must be >= 1, got {r[key]}")
-    if int(r.cache_len) < 0:
-        raise ConfigError(f"rollout.cache_len must be >= 0 (0 = automatic), got {r.cache_len}")
-    if r.cache_len and int(r.cache_len) <= int(r.max_prompt_len):
-        raise ConfigError(f"rollout.cache_len ({r.cache_len}) must exceed rollout.max_prompt_len "
-                          f"({r.max_prompt_len})")
-    for axis in ("data", "fsdp", "tensor"):
-        v = int(cfg.mesh[axis])
-        if v == 0 or v < -1:
-            raise ConfigError(f"mesh.{axis} must be a positive size or -1 (fill), got {v}")
-    if int(cfg.mesh.get("cpu_devices", 0)) < 0:
-        raise ConfigError(f"mesh.cpu_devices must be >= 0, got {cfg.mesh.cpu_devices}")
-    if sum(int(cfg.mesh[a]) == -1 for a in ("data", "fsdp", "tensor")) > 1:
-        raise ConfigError("at most one mesh axis may be -1")
-    for key in ("param_dtype", "dtype"):
-        if cfg.model[key] not in ("float32", "bfloat16", "float16", "float64"):
-            raise ConfigError(f"model.{key} must be float32, bfloat16, float16 or float64, got {cfg.model[key]!r}")
-    from kernels_pallas.attention import NAMES as ATTN_IMPLS
-
-    if cfg.model.attn_impl not in ATTN_IMPLS:
-        raise ConfigError(f"model.attn_impl must be one of {list(ATTN_IMPLS)}, got {cfg.model.attn_impl!r}")
-    sp = cfg.speculative
-    from tlt_jax.rollout.tree import SpecStrategy  # local: keeps config import light
-
-    strategy = SpecStrategy.parse(sp.strategy)
-    if sp.proposer not in ("eagle", "ngram"):
-        raise ConfigError(f"speculative.proposer must be 'eagle' or 'ngram', got {sp.proposer!r}")
-    if sp.proposer == "ngram" and not strategy.is_chain:
-        raise ConfigError(f"speculative.proposer 'ngram' drafts chains only; got strategy {sp.strategy!r}")
-    if not 1 <= int(sp.ngram_min) <= int(sp.ngram_max):
-        raise ConfigError(f"need 1 <= speculative.ngram_min <= speculative.ngram_max, got "
-                          f"{sp.ngram_min}, {sp.ngram_max}")
-    if int(cfg.drafter.draft_vocab) < 0:
-        raise ConfigError(f"drafter.draft_vocab must be >= 0 (0 = full vocabulary), got {cfg.drafter.draft_vocab}")
-    w = cfg.drafter.warmup
-    for key in ("num_prompts", "eval_prompts", "max_new_tokens", "gen_batch", "steps", "batch_size", "seq_len"):
-        if int(w[key]) < 1:
-            raise ConfigError(f"drafter.warmup.{key} must be >= 1, got {w[key]}")
-    if not w.temperatures or any(float(t) < 0 for t in w.temperatures):
-        raise ConfigError(f"drafter.warmup.temperatures must be non-negative values, got {w.temperatures}")
-    if float(w.lr) <= 0 or float(w.time_budget_s) <= 0:
-        raise ConfigError("drafter.warmup.lr and drafter.warmup.time_budget_s must be positive")
-    if float(w.weight_decay) < 0 or float(w.feature_noise) < 0:
-        raise ConfigError("drafter.warmup.weight_decay and drafter.warmup.feature_noise must be >= 0")
-    _validate_rl(cfg)
-    if not cfg.model.checkpoint:
-        model_config_from_arch(cfg)  # raises on a bad architecture
-
-
-def _validate_rl(cfg: ml_collections.ConfigDict) -> None:
-    rl = cfg.rl
-    for key in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "minibatches", "prompt_multiple"):
-        if int(rl[key]) < 1:
-            raise ConfigError(f"rl.{key} must be >= 1, got {rl[key]}")
-    if int(rl.group_size) < 2:
-        raise ConfigError(f"rl.group_size must be >= 2 (advantages compare answers in a group), got {rl.group_size}")
-    rows = int(rl.prompts_per_step) * int(rl.group_size)
-    if rows % int(rl.minibatches):
-        raise ConfigError(f"rl.minibatches ({rl.minibatches}) must divide prompts_per_step x group_size ({rows})")
-    if float(rl.temperature) <= 0:
-        raise ConfigError(f"rl.temperature must be > 0 (GRPO samples its answers), got {rl.temperature}")
-    if not (0.0 < float(rl.top_p) <= 1.0):
-        raise ConfigError(f"rl.top_p must be in (0, 1], got {rl.top_p}")
-    if int(rl.top_k) < 0:
-        raise ConfigError(f"rl.top_k must be >= 0, got {rl.top_k}")
-    if float(rl.lr) <= 0:
-        raise ConfigError(f"rl.lr must be > 0, got {rl.lr}")
-    for key in ("weight_decay", "kl_coef", "format_weight", "warmup_steps"):
-        if float(rl[key]) < 0:
-            raise ConfigError(f"rl.{key} must be >= 0, got {rl[key]}")
-    if float(rl.grad_clip) <= 0 or not 0 < float(rl.clip_eps) < 1:
-        raise ConfigError(f"need rl.grad_clip > 0 and 0 < rl.clip_eps < 1, got {rl.grad_clip}, {rl.clip_eps}")
-    if rl.advantage not in ("grpo", "drgrpo"):
-        raise ConfigError(f"rl.advantage must be 'grpo' or 'drgrpo', got {rl.advantage!r}")
-    if rl.aggregation not in ("token_mean", "seq_mean"):
-        raise ConfigError(f"rl.aggregation must be 'token_mean' or 'seq_mean', got {rl.aggregation!r}")
-    if rl.reward != "math" and ":" not in rl.reward:
-        raise ConfigError(f"rl.reward must be 'math' or 'module.path:function', got {rl.reward!r}")
-    if cfg.data.answer_format not in ("raw", "gsm8k", "boxed"):
-        raise ConfigError(f"data.answer_format must be 'raw', 'gsm8k' or 'boxed', got {cfg.data.answer_format!r}")
-    if int(cfg.data.limit) < 0 or float(cfg.data.mean_terms) < 1:
-        raise ConfigError("data.limit must be >= 0 and data.mean_terms >= 1")
-    if int(cfg.train.checkpoint_every) < 1 or int(cfg.train.keep_checkpoints) < 1:
-        raise ConfigError("train.checkpoint_every and train.keep_checkpoints must be >= 1")
-    t = cfg.tlt
-    if int(t.buffer_window) < 2:
-        raise ConfigError(f"tlt.buffer_window must be >= 2 (a sequence needs a token to predict), got "
-                          f"{t.buffer_window}")
-    for key in ("replicas", "replica_tensor", "max_programs", "spot_rows", "buffer_capacity", "buffer_lag", "window"):
-        if int(t[key]) < 1:
-            raise ConfigError(f"tlt.{key} must be >= 1, got {t[key]}")
-    for key in ("sd_threshold", "spot_max_steps", "warm_after", "spot_weight_decay", "spot_noise"):
-        if float(t[key]) < 0:
-            raise ConfigError(f"tlt.{key} must be >= 0, got {t[key]}")
-    if int(t.spot_seq_len) < 2 or float(t.spot_lr) <= 0 or not 0 <= float(t.epsilon) <= 1:
-        raise ConfigError("need tlt.spot_seq_len >= 2, tlt.spot_lr > 0 and 0 <= tlt.epsilon <= 1")
-    if rows % int(t.replicas):
-        raise ConfigError(f"tlt.replicas ({t.replicas}) must divide the rollout batch prompts_per_step x "
-                          f"group_size ({rows})")
-    if t.enable and t.adaptive:
-        from tlt_jax.engine.adaptive import EngineConfig  # local: keeps config import light
-
-        EngineConfig.from_config(cfg)  # checks the arms
-
-
-def model_config_from_arch(cfg: ml_collections.ConfigDict) -> ModelConfig:
-    a = dict(cfg.model.arch.to_dict())
-    rs = a.pop("rope_scaling", None)
-    if rs:
-        rs = RopeScaling(**dict(rs))
-    try:
-        return ModelConfig(**a, rope_scaling=rs, param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype)
-    except TypeError as e:
-        raise ConfigError(f"model.arch: {e}") from e

@@ -18,9 +18,10 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from tlt_jax.errors import CheckpointError, UnsupportedModelError
+from tlt_jax.core.errors import CheckpointError, UnsupportedModelError
+from tlt_jax.core.trees import path_name
 from tlt_jax.models.config import ModelConfig, model_config_from_hf
-from tlt_jax.models.decoder import Block, Decoder
+from tlt_jax.models.decoder import Decoder, abstract_model
 
 _ST_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -31,19 +32,6 @@ EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 # ------------------------------------------------------------------------------------------------ paths
-
-
-def state_path(path) -> str:
-    """'layers.0.self_attn.q_proj.kernel' for a leaf path of an NNX state (drops the trailing 'value')."""
-    parts = []
-    for k in path:
-        name = getattr(k, "key", getattr(k, "name", getattr(k, "idx", None)))
-        if name is None:
-            name = str(k)
-        parts.append(str(name))
-    if parts and parts[-1] == "value":
-        parts = parts[:-1]
-    return ".".join(parts)
 
 
 def hf_name(path: str) -> Tuple[str, bool]:
@@ -144,18 +132,6 @@ def read_hf_config(path: str) -> dict:
 # -------------------------------------------------------------------------------------------- building
 
 
-def abstract_model(cfg: ModelConfig) -> Decoder:
-    """The Decoder of ``cfg`` with shape-only parameters (no memory allocated).
-
-    Built one layer per trace: tracing the whole model at once costs time quadratic in its depth (each
-    variable write inspects the trace so far), 27 s for an 80-layer model on 8 devices against 1 s this way.
-    """
-    model = nnx.eval_shape(lambda: Decoder(cfg.replace(num_layers=1), rngs=nnx.Rngs(0)))  # a shell
-    model.cfg = cfg
-    model.layers = nnx.List([nnx.eval_shape(lambda: Block(cfg, nnx.Rngs(0))) for _ in range(cfg.num_layers)])
-    return model
-
-
 def build_model(cfg: ModelConfig, fetch: Callable[[str, Tuple[int, ...]], np.ndarray],
                 shardings: Optional[Mapping[str, jax.sharding.Sharding]] = None) -> Decoder:
     """Builds a Decoder whose every parameter comes from ``fetch(path, expected_shape)``.
@@ -166,7 +142,7 @@ def build_model(cfg: ModelConfig, fetch: Callable[[str, Tuple[int, ...]], np.nda
     dtype = cfg.jnp_param_dtype
 
     def load(path, leaf):
-        name = state_path(path)
+        name = path_name(path)
         arr = np.asarray(fetch(name, tuple(leaf.shape)))
         if tuple(arr.shape) != tuple(leaf.shape):
             raise CheckpointError(f"parameter {name}: checkpoint shape {arr.shape} != model shape {leaf.shape}")
@@ -332,22 +308,3 @@ def load_checkpoint(path: str, **kw) -> Tuple[ModelConfig, Decoder]:
     if path.endswith(".gguf") or (os.path.isfile(path) and not os.path.isdir(path)):
         return load_gguf(path, **kw)
     return load_hf_checkpoint(path, **kw)
-
-
-def model_from_config(config, mesh=None) -> Tuple[ModelConfig, Decoder]:
-    """The model a job config names: its checkpoint, or a random model from ``model.arch`` (seeded).
-
-    With ``mesh``, parameters are placed by the sharding rules as they are loaded.
-    """
-    from tlt_jax.config import model_config_from_arch
-    from tlt_jax.parallel.sharding import param_shardings, shard_model
-
-    shardings_fn = (lambda cfg: param_shardings(cfg, mesh)) if mesh is not None else None
-    m = config.model
-    if m.checkpoint:
-        return load_checkpoint(m.checkpoint, param_dtype=m.param_dtype, dtype=m.dtype, shardings_fn=shardings_fn)
-    cfg = model_config_from_arch(config)
-    model = Decoder(cfg, rngs=nnx.Rngs(int(config.seed)))
-    if mesh is not None:
-        model = shard_model(model, mesh)
-    return cfg, model

@@ -6,8 +6,8 @@ import hashlib
 import os
 from typing import Dict, List, Optional, Sequence
 
-from tlt_jax.errors import CheckpointError
-from tlt_jax.models.weights import resolve_checkpoint
+from tlt_jax.core.errors import CheckpointError
+from tlt_jax.io.weights import open_gguf, resolve_checkpoint
 
 
 def cache_root() -> str:
@@ -25,7 +25,7 @@ def load_tokenizer(checkpoint: str):
     For GGUF the conversion (~seconds) runs once; the result is saved under ``$TLT_CACHE_DIR`` (default
     ``~/.cache/tlt_jax``) and later loads read the saved fast tokenizer.
     """
-    import transformers
+    import transformers  # local: heavy (several seconds), needed only when a tokenizer is loaded
 
     path = resolve_checkpoint(checkpoint)
     if os.path.isdir(path):
@@ -55,10 +55,8 @@ def tokenizer_from_gguf(path: str):
     The metadata is read with the ``gguf`` package (transformers' GGUF metadata reader needs torch, which
     is not a runtime dependency); the conversion itself is transformers'.
     """
-    import transformers
+    import transformers  # local: heavy (several seconds), needed only when a tokenizer is built
     from transformers.integrations.gguf import gguf_tokenizer_mapping as m
-
-    from tlt_jax.models.weights import open_gguf
 
     reader = open_gguf(path)
     meta = {k: f.contents() for k, f in reader.fields.items()

@@ -3,9 +3,9 @@ import os
 
 import pytest
 
-from tlt_jax.cli.generate import main as generate_main
-from tlt_jax.config import CONFIG_DIR, load_config, model_config_from_arch, split_config_args
-from tlt_jax.errors import ConfigError
+from tlt_jax.app.config import CONFIG_DIR, load_config, split_config_args
+from tlt_jax.app.specs import model_config
+from tlt_jax.core.errors import ConfigError
 
 ALL = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(CONFIG_DIR, "*.py")) if "__" not in p)
 
@@ -17,7 +17,7 @@ def test_all_configs_present():
 @pytest.mark.parametrize("name", ALL)
 def test_config_loads_and_describes_a_model(name):
     c = load_config(name)
-    cfg = model_config_from_arch(c)
+    cfg = model_config(c)
     assert cfg.num_params() > 0
 
 
@@ -50,10 +50,3 @@ def test_bad_overrides(override, message):
 def test_unknown_config_file():
     with pytest.raises(ConfigError, match="known configs"):
         load_config("no_such_config")
-
-
-def test_cli_reports_config_errors(capsys):
-    assert generate_main(["--config", "configs/tiny.py", "--config.rollout.top_p=2"]) == 2
-    assert "rollout.top_p must be in (0, 1]" in capsys.readouterr().err
-    assert generate_main(["--config", "configs/tiny.py", "--config.nope=1"]) == 2
-    assert "unknown config key 'nope'" in capsys.readouterr().err

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from tlt_jax.errors import CheckpointError
+from tlt_jax.core.errors import CheckpointError
 
 META = "meta"
 

@@ -1,0 +1,285 @@
+"""A config turned into typed specs, once: every value is checked here, and each message names its key.
+
+One source of truth per setting: the ``rollout`` section says how answers are generated for every command
+(the RL job, ``tlt-generate``, the benchmarks): ``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``,
+``chunk_steps``, ``cache_len`` and the stop strings. The GRPO log-prob forward uses the same temperature (the
+policy's probabilities are those of the distribution the answers were sampled from). ``rl`` holds only the
+optimisation (steps, group size, learning rate, loss), and the RL job refuses ``rollout.temperature = 0``.
+
+Builders: :func:`model_config`, :func:`mesh_sizes`, :func:`sampling_params`, :func:`rollout_spec`,
+:func:`speculative_spec`, :func:`engine_config`, :func:`grpo_config`, :func:`policy_optimizer`,
+:func:`spot_optimizer`, :func:`warmup_spec`, :func:`spot_spec`; :func:`validate` runs every check.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence
+
+import ml_collections
+import optax
+
+from kernels_pallas.attention import NAMES as ATTENTION_IMPLEMENTATIONS
+from tlt_jax.core.errors import ConfigError
+from tlt_jax.core.optim import make_optimizer
+from tlt_jax.core.shapes import default_cache_len, round_up
+from tlt_jax.data.loader import ANSWER_FORMATS
+from tlt_jax.drafter.spot import SpotSpec
+from tlt_jax.drafter.warmup import WarmupSpec
+from tlt_jax.engine.adaptive import EngineConfig
+from tlt_jax.models.config import ModelConfig, RopeScaling
+from tlt_jax.parallel.mesh import MESH_AXES
+from tlt_jax.rl.grpo import ADVANTAGES, AGGREGATIONS, GRPOConfig
+from tlt_jax.rollout.decode import RolloutSpec
+from tlt_jax.rollout.sampling import SamplingParams
+from tlt_jax.rollout.speculative import SpeculativeSpec
+from tlt_jax.rollout.tree import SpecStrategy
+
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+def _at_least(section: ml_collections.ConfigDict, name: str, keys: Sequence[str], low: float,
+              what: str = "") -> None:
+    for key in keys:
+        if float(section[key]) < low:
+            raise ConfigError(f"{name}.{key} must be >= {low:g}{what}, got {section[key]}")
+
+
+# ------------------------------------------------------------------------------------------------ model, mesh
+
+
+def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
+    """The architecture of ``model.arch`` (random models and weight-free checks; a checkpoint brings its own)."""
+    a = dict(config.model.arch.to_dict())
+    scaling = a.pop("rope_scaling", None)
+    try:
+        return ModelConfig(**a, rope_scaling=RopeScaling(**dict(scaling)) if scaling else None,
+                           param_dtype=config.model.param_dtype, dtype=config.model.dtype)
+    except TypeError as e:
+        raise ConfigError(f"model.arch: {e}") from e
+
+
+def _check_model(config) -> None:
+    for key in ("param_dtype", "dtype"):
+        if config.model[key] not in DTYPES:
+            raise ConfigError(f"model.{key} must be float32, bfloat16, float16 or float64, got {config.model[key]!r}")
+    if config.model.attn_impl not in ATTENTION_IMPLEMENTATIONS:
+        raise ConfigError(f"model.attn_impl must be one of {list(ATTENTION_IMPLEMENTATIONS)}, got "
+                          f"{config.model.attn_impl!r}")
+    if not config.model.checkpoint:
+        model_config(config)  # raises on a bad architecture
+
+
+def mesh_sizes(config) -> Dict[str, int]:
+    """``mesh.data`` / ``fsdp`` / ``tensor`` (each positive or -1 = fill, at most one -1) for ``make_mesh``."""
+    sizes = {axis: int(config.mesh[axis]) for axis in MESH_AXES}
+    for axis, v in sizes.items():
+        if v == 0 or v < -1:
+            raise ConfigError(f"mesh.{axis} must be a positive size or -1 (fill), got {v}")
+    if sum(v == -1 for v in sizes.values()) > 1:
+        raise ConfigError("at most one mesh axis may be -1")
+    return sizes
+
+
+def cpu_devices(config) -> int:
+    """``mesh.cpu_devices``: XLA devices a CPU host is split into at start-up (0: as is)."""
+    n = int(config.mesh.get("cpu_devices", 0))
+    if n < 0:
+        raise ConfigError(f"mesh.cpu_devices must be >= 0, got {n}")
+    return n
+
+
+# ------------------------------------------------------------------------------------------------ rollout
+
+
+def sampling_params(config) -> SamplingParams:
+    r = config.rollout
+    if not (0.0 < float(r.top_p) <= 1.0):
+        raise ConfigError(f"rollout.top_p must be in (0, 1], got {r.top_p}")
+    if float(r.temperature) < 0:
+        raise ConfigError(f"rollout.temperature must be >= 0, got {r.temperature}")
+    if int(r.top_k) < 0:
+        raise ConfigError(f"rollout.top_k must be >= 0, got {r.top_k}")
+    return SamplingParams(float(r.temperature), int(r.top_k), float(r.top_p))
+
+
+def rollout_spec(config, stop_tokens: Sequence[int] = ()) -> RolloutSpec:
+    """The static rollout settings of ``rollout.*`` (``stop_tokens``: the ids of ``rollout.stop_strings``)."""
+    r = config.rollout
+    _at_least(r, "rollout", ("batch_size", "max_prompt_len", "max_new_tokens", "chunk_steps"), 1)
+    return RolloutSpec(max_new_tokens=int(r.max_new_tokens), stop_tokens=tuple(int(t) for t in stop_tokens),
+                       sampling=sampling_params(config), chunk_steps=int(r.chunk_steps),
+                       attn_impl=config.model.attn_impl)
+
+
+def cache_len(config) -> Optional[int]:
+    """``rollout.cache_len`` (None: sized per batch from the prompt width and ``rollout.max_new_tokens``)."""
+    r = config.rollout
+    if int(r.cache_len) < 0:
+        raise ConfigError(f"rollout.cache_len must be >= 0 (0 = automatic), got {r.cache_len}")
+    if r.cache_len and int(r.cache_len) <= int(r.max_prompt_len):
+        raise ConfigError(f"rollout.cache_len ({r.cache_len}) must exceed rollout.max_prompt_len "
+                          f"({r.max_prompt_len})")
+    return int(r.cache_len) or None
+
+
+def fixed_cache_len(config) -> int:
+    """One cache length for every batch (the adaptive engine's programs): ``rollout.cache_len``, or the widest
+    prompt (``rollout.max_prompt_len`` rounded up to 8) plus ``rollout.max_new_tokens``."""
+    return cache_len(config) or default_cache_len(round_up(int(config.rollout.max_prompt_len), 8),
+                                                  int(config.rollout.max_new_tokens))
+
+
+def speculative_spec(config) -> SpeculativeSpec:
+    sp = config.speculative
+    strategy = SpecStrategy.parse(sp.strategy)
+    if sp.proposer not in ("eagle", "ngram"):
+        raise ConfigError(f"speculative.proposer must be 'eagle' or 'ngram', got {sp.proposer!r}")
+    if sp.proposer == "ngram" and not strategy.is_chain:
+        raise ConfigError(f"speculative.proposer 'ngram' drafts chains only; got strategy {sp.strategy!r}")
+    if not 1 <= int(sp.ngram_min) <= int(sp.ngram_max):
+        raise ConfigError(f"need 1 <= speculative.ngram_min <= speculative.ngram_max, got "
+                          f"{sp.ngram_min}, {sp.ngram_max}")
+    return SpeculativeSpec(strategy, proposer=sp.proposer, ngram_max=int(sp.ngram_max), ngram_min=int(sp.ngram_min))
+
+
+def engine_config(config) -> EngineConfig:
+    """The adaptive engine's settings (``tlt.*``), its arms checked."""
+    t, sp = config.tlt, config.speculative
+    _at_least(t, "tlt", ("replicas", "replica_tensor", "max_programs", "window"), 1)
+    _at_least(t, "tlt", ("sd_threshold",), 0, " (0: never speculate)")
+    if not 0 <= float(t.epsilon) <= 1:
+        raise ConfigError(f"tlt.epsilon must be in [0, 1], got {t.epsilon}")
+    for name, arms, learned in (("tlt.arms", t.arms, True), ("tlt.ngram_arms", t.ngram_arms, False)):
+        for arm in arms:
+            proposer = SpeculativeSpec.from_arm(arm, int(sp.ngram_max), int(sp.ngram_min)).proposer
+            if (proposer == "eagle") != learned:
+                raise ConfigError(f"{name}: {arm!r} is not a {'learned-drafter' if learned else 'n-gram'} strategy")
+    if not t.plain_arm and (not t.arms or not t.ngram_arms):
+        raise ConfigError("without the plain arm, tlt.arms and tlt.ngram_arms must both be non-empty")
+    return EngineConfig(replicas=int(t.replicas), replica_tensor=int(t.replica_tensor),
+                        sd_threshold=int(t.sd_threshold), arms=tuple(t.arms), ngram_arms=tuple(t.ngram_arms),
+                        plain_arm=bool(t.plain_arm), epsilon=float(t.epsilon), window=int(t.window),
+                        compact=bool(t.compact), max_programs=int(t.max_programs), ngram_max=int(sp.ngram_max),
+                        ngram_min=int(sp.ngram_min), seed=int(config.seed))
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+def rows_per_step(config) -> int:
+    """Answers per RL step: ``rl.prompts_per_step`` x ``rl.group_size``."""
+    return int(config.rl.prompts_per_step) * int(config.rl.group_size)
+
+
+def grpo_config(config) -> GRPOConfig:
+    """The loss settings (``rl.*``) and the rollout's temperature, which the RL job needs to be > 0."""
+    rl = config.rl
+    if float(config.rollout.temperature) <= 0:
+        raise ConfigError(f"rollout.temperature must be > 0 for RL (GRPO samples its answers), got "
+                          f"{config.rollout.temperature}")
+    _check_loss(config)
+    return GRPOConfig(clip_eps=float(rl.clip_eps), kl_coef=float(rl.kl_coef), aggregation=rl.aggregation,
+                      temperature=float(config.rollout.temperature), remat=bool(config.train.remat))
+
+
+def _check_loss(config) -> None:
+    rl = config.rl
+    if float(rl.grad_clip) <= 0 or not 0 < float(rl.clip_eps) < 1:
+        raise ConfigError(f"need rl.grad_clip > 0 and 0 < rl.clip_eps < 1, got {rl.grad_clip}, {rl.clip_eps}")
+    if rl.advantage not in ADVANTAGES:
+        raise ConfigError(f"rl.advantage must be 'grpo' or 'drgrpo', got {rl.advantage!r}")
+    if rl.aggregation not in AGGREGATIONS:
+        raise ConfigError(f"rl.aggregation must be 'token_mean' or 'seq_mean', got {rl.aggregation!r}")
+
+
+def policy_optimizer(config) -> optax.GradientTransformation:
+    rl = config.rl
+    if float(rl.lr) <= 0:
+        raise ConfigError(f"rl.lr must be > 0, got {rl.lr}")
+    return make_optimizer(float(rl.lr), weight_decay=float(rl.weight_decay), clip=float(rl.grad_clip),
+                          warmup_steps=int(rl.warmup_steps))
+
+
+def spot_optimizer(config) -> optax.GradientTransformation:
+    """The online drafter optimizer: open-ended, so a constant learning rate."""
+    t = config.tlt
+    if float(t.spot_lr) <= 0:
+        raise ConfigError(f"tlt.spot_lr must be > 0, got {t.spot_lr}")
+    return make_optimizer(float(t.spot_lr), weight_decay=float(t.spot_weight_decay))
+
+
+def spot_spec(config) -> SpotSpec:
+    t = config.tlt
+    _at_least(t, "tlt", ("spot_rows", "buffer_capacity", "buffer_lag"), 1)
+    _at_least(t, "tlt", ("spot_max_steps", "warm_after", "spot_weight_decay", "spot_noise"), 0)
+    if int(t.buffer_window) < 2:
+        raise ConfigError(f"tlt.buffer_window must be >= 2 (a sequence needs a token to predict), got "
+                          f"{t.buffer_window}")
+    if int(t.spot_seq_len) < 2:
+        raise ConfigError(f"tlt.spot_seq_len must be >= 2, got {t.spot_seq_len}")
+    return SpotSpec(rows=int(t.spot_rows), seq_len=int(t.spot_seq_len), noise=float(t.spot_noise),
+                    max_steps_per_rollout=int(t.spot_max_steps), warm_after=int(t.warm_after),
+                    buffer_capacity=int(t.buffer_capacity), buffer_window=int(t.buffer_window),
+                    buffer_lag=int(t.buffer_lag))
+
+
+def warmup_spec(config) -> WarmupSpec:
+    w = config.drafter.warmup
+    _at_least(w, "drafter.warmup", ("num_prompts", "eval_prompts", "max_new_tokens", "gen_batch", "steps",
+                                    "batch_size", "seq_len"), 1)
+    if not w.temperatures or any(float(t) < 0 for t in w.temperatures):
+        raise ConfigError(f"drafter.warmup.temperatures must be non-negative values, got {w.temperatures}")
+    if float(w.lr) <= 0 or float(w.time_budget_s) <= 0:
+        raise ConfigError("drafter.warmup.lr and drafter.warmup.time_budget_s must be positive")
+    if float(w.weight_decay) < 0 or float(w.feature_noise) < 0:
+        raise ConfigError("drafter.warmup.weight_decay and drafter.warmup.feature_noise must be >= 0")
+    if int(config.drafter.draft_vocab) < 0:
+        raise ConfigError(f"drafter.draft_vocab must be >= 0 (0 = full vocabulary), got {config.drafter.draft_vocab}")
+    return WarmupSpec(num_prompts=int(w.num_prompts), eval_prompts=int(w.eval_prompts),
+                      max_new_tokens=int(w.max_new_tokens), temperatures=tuple(float(t) for t in w.temperatures),
+                      gen_batch=int(w.gen_batch), steps=int(w.steps), batch_size=int(w.batch_size),
+                      seq_len=int(w.seq_len), lr=float(w.lr), weight_decay=float(w.weight_decay),
+                      feature_noise=float(w.feature_noise), time_budget_s=float(w.time_budget_s),
+                      data_seed=int(w.data_seed), draft_vocab=int(config.drafter.draft_vocab),
+                      seed=int(config.seed))
+
+
+def _check_rl(config) -> None:
+    rl = config.rl
+    _at_least(rl, "rl", ("steps", "prompts_per_step", "minibatches", "prompt_multiple"), 1)
+    if int(rl.group_size) < 2:
+        raise ConfigError(f"rl.group_size must be >= 2 (advantages compare answers in a group), got {rl.group_size}")
+    rows = rows_per_step(config)
+    if rows % int(rl.minibatches):
+        raise ConfigError(f"rl.minibatches ({rl.minibatches}) must divide prompts_per_step x group_size ({rows})")
+    _at_least(rl, "rl", ("weight_decay", "kl_coef", "format_weight", "warmup_steps"), 0)
+    if rl.reward != "math" and ":" not in rl.reward:
+        raise ConfigError(f"rl.reward must be 'math' or 'module.path:function', got {rl.reward!r}")
+    if config.data.answer_format not in ANSWER_FORMATS:
+        raise ConfigError(f"data.answer_format must be 'raw', 'gsm8k' or 'boxed', got {config.data.answer_format!r}")
+    if int(config.data.limit) < 0 or float(config.data.mean_terms) < 1:
+        raise ConfigError("data.limit must be >= 0 and data.mean_terms >= 1")
+    if int(config.train.checkpoint_every) < 1 or int(config.train.keep_checkpoints) < 1:
+        raise ConfigError("train.checkpoint_every and train.keep_checkpoints must be >= 1")
+    if rows % int(config.tlt.replicas):
+        raise ConfigError(f"tlt.replicas ({config.tlt.replicas}) must divide the rollout batch prompts_per_step x "
+                          f"group_size ({rows})")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Every check of every section (``load_config`` runs it): a bad value is a ConfigError naming its key.
+    (``rollout.temperature`` > 0 is checked when an RL job builds its :func:`grpo_config`: ``tlt-generate``
+    may decode greedily.)"""
+    rollout_spec(config)
+    cache_len(config)
+    mesh_sizes(config)
+    cpu_devices(config)
+    _check_model(config)
+    speculative_spec(config)
+    warmup_spec(config)
+    _check_rl(config)
+    _check_loss(config)
+    policy_optimizer(config)
+    spot_optimizer(config)
+    spot_spec(config)
+    engine_config(config)

@@ -1,0 +1,1 @@
+"""Reading and writing: weights (safetensors, GGUF), tokenizers, orbax checkpoints, drafter checkpoints."""
