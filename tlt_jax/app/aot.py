@@ -17,6 +17,7 @@ compile and fit, and their order of magnitude, not the accelerator's exact figur
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -32,7 +33,6 @@ from tlt_jax.parallel.mesh import make_mesh
 from tlt_jax.parallel.replicas import make_replicas
 from tlt_jax.parallel.sharding import bytes_per_device, opt_state_shardings, tree_shardings
 from tlt_jax.rl import grpo
-from tlt_jax.rollout.decode import RolloutSpec
 from tlt_jax.rollout.speculative import SpeculativeSpec, speculative_chunk, start_speculative
 
 GIB = float(2 ** 30)
@@ -99,8 +99,8 @@ def compile_speculative_chunk(config, devices: Sequence[jax.Device], bucket: int
     replica = make_replicas(int(config.tlt.replicas), devices, int(config.tlt.replica_tensor))[0]
     params = _with_sharding(params, tree_shardings(params, replica.mesh))
     drafter_params = _with_sharding(drafter_params, jax.tree.map(lambda _: replica.replicated, drafter_params))
-    spec = RolloutSpec(max_new_tokens=cache_len // 2, stop_tokens=(0,), sampling=specs.sampling_params(config),
-                       chunk_steps=int(config.rollout.chunk_steps), attn_impl=config.model.attn_impl)
+    # the config's rollout, with an answer budget and a stop token for the compiled shapes
+    spec = dataclasses.replace(specs.rollout_spec(config, stop_tokens=(0,)), max_new_tokens=cache_len // 2)
     speculation = SpeculativeSpec.from_arm(strategy, int(config.speculative.ngram_max),
                                            int(config.speculative.ngram_min))
     toks = jax.ShapeDtypeStruct((bucket, 8), jnp.int32)
