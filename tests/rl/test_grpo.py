@@ -113,7 +113,7 @@ def test_a_nan_loss_skips_the_update():
     before = jax.tree.map(np.asarray, params)
     state_before = jax.tree.map(np.asarray, state)
     params, state, m = grpo.update_step(params, state, batch, graphdef=graphdef, optimizer=opt,
-                                        cfg=grpo.GRPOConfig())
+                                        config=grpo.GRPOConfig())
     assert float(m["skipped"]) == 1.0
     for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(params)):
         np.testing.assert_array_equal(a, np.asarray(b))
@@ -130,7 +130,7 @@ def test_remat_gives_the_same_update():
     for remat in (False, True):
         p = jax.tree.map(jnp.copy, params)
         out[remat], _, _ = grpo.update_step(p, sgd.init(p), batch, graphdef=graphdef, optimizer=sgd,
-                                            cfg=grpo.GRPOConfig(remat=remat))
+                                            config=grpo.GRPOConfig(remat=remat))
     moved = 0.0
     for a, b, p0 in zip(jax.tree.leaves(out[False]), jax.tree.leaves(out[True]), jax.tree.leaves(params)):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-7)
@@ -138,5 +138,5 @@ def test_remat_gives_the_same_update():
     assert moved > 1e-4  # a real gradient step was compared
     for remat in (False, True):  # the layers are rematerialised in the backward pass only when asked
         text = grpo.update_step.lower(params, sgd.init(params), batch, graphdef=graphdef, optimizer=sgd,
-                                      cfg=grpo.GRPOConfig(remat=remat)).as_text()
+                                      config=grpo.GRPOConfig(remat=remat)).as_text()
         assert ("optimization_barrier" in text) == remat

@@ -39,17 +39,18 @@ def _setup():
     return model, good, Drafter(cfg, nnx.Rngs(5))
 
 
-def exact_joint(model, sampling):
-    """[8, 8, 8] probabilities of the first three sampled tokens after PROMPT."""
-    seqs = np.array([PROMPT + [a, b, c] for a in range(VOCAB) for b in range(VOCAB) for c in range(VOCAB)])
+def exact_joint(model, sampling, n=3):
+    """[8] * n probabilities of the first n sampled tokens after PROMPT."""
+    conts = np.stack(np.meshgrid(*[np.arange(VOCAB)] * n, indexing="ij"), -1).reshape(-1, n)
+    seqs = np.concatenate([np.broadcast_to(np.asarray(PROMPT), (len(conts), len(PROMPT))), conts], axis=1)
     t = seqs.shape[1]
     logits = model(jnp.asarray(seqs), jnp.broadcast_to(jnp.arange(t), seqs.shape),
                    jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (len(seqs), t, t))).logits
-    lp = np.asarray(sampling_logprobs(logits, sampling), np.float64)  # [512, t, V]
+    lp = np.asarray(sampling_logprobs(logits, sampling), np.float64)  # [8^n, t, V]
     p = len(PROMPT)
     rows = np.arange(len(seqs))
-    joint = lp[rows, p - 1, seqs[:, p]] + lp[rows, p, seqs[:, p + 1]] + lp[rows, p + 1, seqs[:, p + 2]]
-    return np.exp(joint).reshape(VOCAB, VOCAB, VOCAB)
+    joint = sum(lp[rows, p - 1 + i, seqs[:, p + i]] for i in range(n))
+    return np.exp(joint).reshape((VOCAB,) * n)
 
 
 def chi_square_p(counts, probs, min_expected=5.0):
@@ -66,14 +67,14 @@ def chi_square_p(counts, probs, min_expected=5.0):
     return float(jax.scipy.special.gammaincc(dof / 2.0, stat / 2.0))
 
 
-def sample_counts(model, drafter, sampling, strategy, rule="exact", seed=0):
-    spec = RolloutSpec(max_new_tokens=3, sampling=sampling, chunk_steps=4)
-    speculation = SpeculativeSpec(SpecStrategy.parse(strategy), acceptance=rule)
+def sample_counts(model, drafter, sampling, strategy, rule="target_only", seed=0, n=3):
+    spec = RolloutSpec(max_new_tokens=n, sampling=sampling, chunk_steps=4)
+    speculation = SpeculativeSpec(SpecStrategy.parse(strategy), rule=rule)
     out = generate(model, [PROMPT] * N, spec, speculation=speculation, drafter=drafter, seed=seed)
     toks = np.asarray(out.tokens)
-    assert toks.shape == (N, 3)
-    counts = np.zeros((VOCAB,) * 3, np.int64)
-    np.add.at(counts, (toks[:, 0], toks[:, 1], toks[:, 2]), 1)
+    assert toks.shape == (N, n)
+    counts = np.zeros((VOCAB,) * n, np.int64)
+    np.add.at(counts, tuple(toks[:, i] for i in range(n)), 1)
     return counts, out.accept_len
 
 
@@ -124,7 +125,7 @@ def accept_without_residual(key, logits, tree, sampling, max_depth):
 
 @pytest.mark.lossless
 def test_wrong_acceptance_rule_is_rejected(monkeypatch):
-    monkeypatch.setitem(acceptance.ACCEPTANCE_RULES, "no_residual", accept_without_residual)
+    monkeypatch.setitem(acceptance.ACCEPTANCE_RULES, "no_residual", acceptance.Rule(accept_without_residual))
     model, good, _ = _setup()
     params = SAMPLINGS["T1"]
     counts, _ = sample_counts(model, good, params, "chain-3", rule="no_residual")

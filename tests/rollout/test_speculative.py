@@ -35,7 +35,7 @@ def test_strategy_parse_and_limits():
     with pytest.raises(ConfigError, match="proposer"):
         SpeculativeSpec(proposer="medusa")
     with pytest.raises(ValueError, match="acceptance"):
-        SpeculativeSpec(acceptance="nope")
+        SpeculativeSpec(rule="nope")
 
 
 def test_config_speculative_section_checked():
@@ -82,7 +82,7 @@ def test_grow_tree_is_a_valid_tree(strategy):
     dcache = init_drafter_cache(model.cfg, b, 32).replace(lengths=jnp.asarray([0, 5, 9], jnp.int32))
     hidden = jax.random.normal(jax.random.PRNGKey(0), (b, model.cfg.hidden_size))
     tree = grow_tree(drafter, model, drafter.head_weight(model), dcache, hidden, jnp.asarray([1, 2, 3]), strat)
-    toks, par, dep = (np.asarray(x) for x in tree)
+    toks, par, dep = (np.asarray(x) for x in (tree.tokens, tree.parents, tree.depth))
     assert toks.shape == (b, strat.num_verify)
     for r in range(b):
         assert par[r, 0] == -1 and dep[r, 0] == 0
@@ -141,12 +141,15 @@ def test_greedy_speculative_equals_plain_float64():
         accept = {}
         for spec, lim in specs:
             ref = generate(model, prompts, spec, max_new=lim)
-            for name, drafter, prop in [("warm", warm, "eagle"), ("bad", bad, "eagle"), ("ngram", None, "ngram"),
-                                        ("plain", None, "none")]:
+            runs = [("warm", warm, "eagle", "target_only"), ("bad", bad, "eagle", "target_only"),
+                    ("ngram", None, "ngram", "target_only"), ("plain", None, "none", "target_only"),
+                    ("warm-sampled", warm, "eagle", "sampled")]  # greedy: the sampled rule is the target-only walk
+            for name, drafter, prop, rule in runs:
                 # a chain and a tree for each drafter (each strategy is its own compiled program: the bulk of the time)
-                strategies = ["chain-4", "4_3_10"] if prop == "eagle" else ["chain-4"]
+                strategies = {"warm": ["chain-4", "4_3_10"], "bad": ["chain-4", "4_3_10"],
+                              "warm-sampled": ["4_3_10"]}.get(name, ["chain-4"])
                 for strat in strategies:
-                    speculation = SpeculativeSpec(SpecStrategy.parse(strat), proposer=prop)
+                    speculation = SpeculativeSpec(SpecStrategy.parse(strat), proposer=prop, rule=rule)
                     out = generate(model, prompts, spec, speculation=speculation, drafter=drafter, max_new=lim)
                     assert out.tokens == ref.tokens, (name, strat)
                     assert out.finish_reasons == ref.finish_reasons, (name, strat)

@@ -68,6 +68,7 @@ def base_config() -> ml_collections.ConfigDict:
         enable=False,  # the A/B switch: False decodes plainly
         strategy="chain-4",  # 'chain-D' or 'D_K_V' (depth, top-k, verified tokens), e.g. '6_4_16'
         proposer="eagle",  # 'eagle' (the learned drafter) or 'ngram' (model-free, chains only)
+        rule="target_only",  # 'target_only' (deterministic drafts) or 'sampled' (drafts from the drafter's q)
         ngram_max=3,
         ngram_min=1,
     ))
@@ -99,7 +100,7 @@ def base_config() -> ml_collections.ConfigDict:
         replicas=2,  # rollout replicas (sub-meshes of the devices); finished ones train the drafter
         replica_tensor=1,  # tensor parallelism inside a replica: devices per model copy (big models)
         sd_threshold=32,  # speculation is considered once a replica's live rows fit this bucket
-        arms=("chain-4", "4_2_8"),  # BEG-MAB arms with the learned drafter (per bucket <= sd_threshold)
+        arms=("chain-4", "4_2_8"),  # BEG-MAB arms with the learned drafter ('4_2_8@sampled': the sampled rule)
         ngram_arms=("ngram:chain-3",),  # arms while the drafter is not warm (TLT-Base: the only ones)
         plain_arm=True,  # plain decoding competes with the strategies (speculation must pay for itself)
         epsilon=0.1,  # bandit exploration rate

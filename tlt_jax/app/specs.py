@@ -29,6 +29,7 @@ from tlt_jax.engine.adaptive import EngineConfig
 from tlt_jax.models.config import ModelConfig, RopeScaling
 from tlt_jax.parallel.mesh import MESH_AXES
 from tlt_jax.rl.grpo import ADVANTAGES, AGGREGATIONS, GRPOConfig
+from tlt_jax.rollout.acceptance import RULES
 from tlt_jax.rollout.decode import RolloutSpec
 from tlt_jax.rollout.sampling import SamplingParams
 from tlt_jax.rollout.speculative import SpeculativeSpec
@@ -139,7 +140,13 @@ def speculative_spec(config) -> SpeculativeSpec:
     if not 1 <= int(sp.ngram_min) <= int(sp.ngram_max):
         raise ConfigError(f"need 1 <= speculative.ngram_min <= speculative.ngram_max, got "
                           f"{sp.ngram_min}, {sp.ngram_max}")
-    return SpeculativeSpec(strategy, proposer=sp.proposer, ngram_max=int(sp.ngram_max), ngram_min=int(sp.ngram_min))
+    if sp.rule not in RULES:
+        raise ConfigError(f"speculative.rule must be one of {list(RULES)}, got {sp.rule!r}")
+    if sp.rule != "target_only" and sp.proposer != "eagle":
+        raise ConfigError(f"speculative.rule {sp.rule!r} needs the drafter's distribution; the {sp.proposer} "
+                          f"proposer drafts deterministically (no distribution): use speculative.rule=target_only")
+    return SpeculativeSpec(strategy, proposer=sp.proposer, rule=sp.rule, ngram_max=int(sp.ngram_max),
+                           ngram_min=int(sp.ngram_min))
 
 
 def engine_config(config) -> EngineConfig:
@@ -151,7 +158,10 @@ def engine_config(config) -> EngineConfig:
         raise ConfigError(f"tlt.epsilon must be in [0, 1], got {t.epsilon}")
     for name, arms, learned in (("tlt.arms", t.arms, True), ("tlt.ngram_arms", t.ngram_arms, False)):
         for arm in arms:
-            proposer = SpeculativeSpec.from_arm(arm, int(sp.ngram_max), int(sp.ngram_min)).proposer
+            try:
+                proposer = SpeculativeSpec.from_arm(arm, int(sp.ngram_max), int(sp.ngram_min)).proposer
+            except ConfigError as e:
+                raise ConfigError(f"{name}: arm {arm!r}: {e}") from None
             if (proposer == "eagle") != learned:
                 raise ConfigError(f"{name}: {arm!r} is not a {'learned-drafter' if learned else 'n-gram'} strategy")
     if not t.plain_arm and (not t.arms or not t.ngram_arms):

@@ -1,6 +1,7 @@
 """Speculative rollout throughput against plain decoding, measured side by side in one run.
 
-    python -m tlt_jax.bench.speculative [--json PATH] [--batches 1,4,16,32] [--temperatures 0,1]
+    python -m tlt_jax.bench.speculative [--json PATH] [--batches 1,4,16,32] [--temperatures 0,0.7,1]
+        [--rules target_only,sampled]
         [--strategies chain-2,chain-4,chain-8,4_2_8,6_4_16,8_4_32,ngram:chain-4] [--new-tokens 128] [--drafter DIR]
         [--min-rows 4] [--verify-sizes auto]
 
@@ -14,7 +15,10 @@ A batch smaller than ``--min-rows`` (default 4) runs that many rows as disjoint 
 
 Per row of the table: ``accept_len`` = tokens committed per target forward (verify step), ``tok_s`` = answer
 tokens per second of wall time (prefill included), ``plain_tok_s`` the plain rollout's, ``speedup`` their ratio.
-A strategy prefixed ``ngram:`` uses the model-free n-gram proposer instead of the drafter.
+A strategy prefixed ``ngram:`` uses the model-free n-gram proposer instead of the drafter. Every learned-drafter
+strategy runs with each of ``--rules`` (``target_only``: deterministic drafts; ``sampled``: drafts drawn from the
+drafter's distribution, verified by speculative / recursive rejection sampling); ``verify_cost`` in a row is a
+verify of its V tokens in decode steps.
 
 Last, one verify forward of V tokens is timed against one decode step at batch 1 (``verify_cost`` in the
 JSON; ``--verify-sizes auto``: V = 1 and each strategy's verified tokens, ``verify_tokens`` in its rows): at
@@ -43,6 +47,7 @@ from tlt_jax.drafter.warmup import build_prompts
 from tlt_jax.io.drafter import load_drafter
 from tlt_jax.models.decoder import causal_mask, decode, prefill, verify
 from tlt_jax.models.kv_cache import init_cache
+from tlt_jax.rollout.acceptance import RULES
 from tlt_jax.rollout.decode import RolloutSpec
 from tlt_jax.rollout.host import generate
 from tlt_jax.rollout.sampling import SamplingParams
@@ -56,7 +61,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", default="")
     ap.add_argument("--batches", default="1,4,16,32")
-    ap.add_argument("--temperatures", default="0,1")
+    ap.add_argument("--temperatures", default="0,0.7,1")
+    ap.add_argument("--rules", default="target_only,sampled",
+                    help="acceptance rules of the learned-drafter strategies (the n-gram proposer: target_only)")
     ap.add_argument("--strategies", default="chain-2,chain-4,chain-8,4_2_8,6_4_16,8_4_32,ngram:chain-4")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--drafter", default="", help="drafter checkpoint directory (default: the warm-up's)")
@@ -72,10 +79,15 @@ def main(argv=None) -> int:
     _, model = build.model_from_config(config)
     tokenizer = build.tokenizer_from_config(config, "the benchmark")
     stops = build.stop_tokens(config, tokenizer)
+    rules = [r for r in args.rules.split(",") if r]
+    unknown = [r for r in rules if r not in RULES]
+    if unknown or not rules:
+        ap.error(f"--rules: choose from {list(RULES)}, got {args.rules!r}")
     strategies = []
     for s in args.strategies.split(","):
         proposer, _, name = s.rpartition(":")
-        strategies.append((s, SpeculativeSpec(SpecStrategy.parse(name), proposer=proposer or "eagle")))
+        for rule in (rules if (proposer or "eagle") == "eagle" else ["target_only"]):
+            strategies.append((s, SpeculativeSpec(SpecStrategy.parse(name), proposer=proposer or "eagle", rule=rule)))
     drafter, meta = None, {}
     if any(sp.proposer == "eagle" for _, sp in strategies):
         ddir = args.drafter or build.default_drafter_dir(config)
@@ -123,21 +135,27 @@ def main(argv=None) -> int:
                 if temp == 0.0:  # lossless: greedy answers must be the plain ones
                     same = all(a == p for o, pl in zip(outs, plain) for a, p in zip(o.tokens, pl.tokens))
                 accept = committed / forwards if forwards else 0.0
-                row = {"strategy": label, "batch": b, "temperature": temp, "accept_len": round(accept, 3),
+                row = {"strategy": label, "rule": speculation.rule, "batch": b, "temperature": temp,
+                       "accept_len": round(accept, 3),
                        "tok_s": round(ntok / sec, 2), "plain_tok_s": round(plain_tok_s, 2),
                        "speedup": round((ntok / sec) / plain_tok_s, 3), "tokens": ntok, "plain_tokens": plain_tok,
                        "groups": len(groups), "same_as_plain": same,
                        "verify_tokens": speculation.strategy.num_verify}
                 rows.append(row)
-                print(f"  {label:>14}: accept {row['accept_len']:.2f}  {row['tok_s']:.1f} tok/s  "
+                print(f"  {label:>14} {speculation.rule:>11}: accept {row['accept_len']:.2f}  "
+                      f"{row['tok_s']:.1f} tok/s  "
                       f"x{row['speedup']:.2f}" + ("" if same is None else f"  same={same}"), flush=True)
     if args.verify_sizes == "auto":
         sizes = sorted({1} | {sp.strategy.num_verify for _, sp in strategies})
     else:
         sizes = [int(v) for v in args.verify_sizes.split(",") if v]
     cost = verify_cost(model, sizes) if sizes else []
+    ratio = {c["verify_tokens"]: c["ratio"] for c in cost}
+    for row in rows:  # a verify of the row's V tokens, in decode steps (batch 1)
+        row["verify_cost"] = ratio.get(row["verify_tokens"])
     print()
-    print_table(rows, ["strategy", "batch", "temperature", "accept_len", "tok_s", "plain_tok_s", "speedup"])
+    print_table(rows, ["strategy", "rule", "batch", "temperature", "accept_len", "tok_s", "plain_tok_s", "speedup",
+                       "verify_cost"])
     if cost:
         print()
         print_table(cost, ["verify_tokens", "verify_ms", "decode_ms", "ratio"])

@@ -95,6 +95,14 @@ class Drafter(nnx.Module):
         return jnp.einsum("...h,nh->...n", hidden, head_w.astype(hidden.dtype),
                           preferred_element_type=jnp.promote_types(hidden.dtype, F32))
 
+    def full_vocab_logits(self, draft_logits: jax.Array) -> jax.Array:
+        """Draft logits [..., N] scattered over the target's vocabulary [..., vocab_size] (-inf off the draft
+        vocabulary): the drafter's distribution over every token, as the sampled acceptance rule needs it."""
+        if self.vocab_ids is None:
+            return draft_logits
+        full = jnp.full(draft_logits.shape[:-1] + (self.cfg.vocab_size,), -jnp.inf, draft_logits.dtype)
+        return full.at[..., self.vocab_ids[...]].set(draft_logits)
+
     def to_token_ids(self, draft_index: jax.Array) -> jax.Array:
         """Maps indices into the draft vocabulary to token ids."""
         if self.vocab_ids is None:

@@ -31,10 +31,10 @@ from tlt_jax.models.config import ModelConfig
 from tlt_jax.models.decoder import Decoder, decode, padded_causal_mask, prefill, verify, write_kv
 from tlt_jax.models.drafter import Drafter, init_drafter_cache
 from tlt_jax.models.kv_cache import KVCache, init_cache
-from tlt_jax.rollout.acceptance import get_rule
+from tlt_jax.rollout.acceptance import ChildFn, get_rule
 from tlt_jax.rollout.decode import FINISH_RUNNING, RolloutSpec, finish_reason, is_stop_token
 from tlt_jax.rollout.ngram import propose_ngram
-from tlt_jax.rollout.sampling import sample
+from tlt_jax.rollout.sampling import SamplingParams, sample, sampling_logprobs
 from tlt_jax.rollout.tree import DraftTree, SpecStrategy, ancestor_mask, chain_tree
 
 PROPOSERS = ("eagle", "ngram", "none")
@@ -46,25 +46,34 @@ class SpeculativeSpec:
 
     Proposer ``"none"`` drafts nothing: each step is one plain decode step (the strategy is ignored) on the
     same state, so the adaptive engine can switch speculation off and on between chunks for free.
+
+    ``rule`` (``speculative.rule``): ``target_only`` (deterministic drafts, the target alone decides) or
+    ``sampled`` (drafts drawn from the drafter's distribution, speculative sampling / recursive rejection
+    sampling). The n-gram proposer drafts deterministically and has no distribution: it uses ``target_only``.
     """
 
     strategy: SpecStrategy = SpecStrategy(depth=4)
     proposer: str = "eagle"
-    acceptance: str = "exact"
+    rule: str = "target_only"
     ngram_max: int = 3
     ngram_min: int = 1
 
     def __post_init__(self):
         if self.proposer not in PROPOSERS:
             raise ConfigError(f"unknown draft proposer {self.proposer!r}; choose one of {PROPOSERS}")
-        if self.proposer == "none":
-            object.__setattr__(self, "strategy", SpecStrategy(depth=1))  # one canonical (hashable) plain spec
+        if self.proposer == "none":  # one canonical (hashable) plain spec
+            object.__setattr__(self, "strategy", SpecStrategy(depth=1))
+            object.__setattr__(self, "rule", "target_only")
         if self.proposer == "ngram" and not self.strategy.is_chain:
             raise ConfigError(f"the n-gram proposer drafts chains only (top_k 1); got strategy "
                               f"{self.strategy.name}")
         if not 1 <= self.ngram_min <= self.ngram_max:
             raise ConfigError(f"need 1 <= ngram_min <= ngram_max, got {self.ngram_min}, {self.ngram_max}")
-        get_rule(self.acceptance)
+        rule = get_rule(self.rule)
+        if rule.children is not None and self.proposer != "eagle":
+            raise ConfigError(f"the {self.rule!r} rule verifies drafts against the drafter's distribution, and the "
+                              f"{self.proposer} proposer drafts deterministically (no distribution): use the "
+                              f"'target_only' rule with it")
 
     @property
     def draft_depth(self) -> int:
@@ -73,19 +82,22 @@ class SpeculativeSpec:
 
     @property
     def arm(self) -> str:
-        """Short name: 'plain', 'ngram:chain-3', or the EAGLE strategy's name ('4_2_8')."""
+        """Short name: 'plain', 'ngram:chain-3', the EAGLE strategy's name ('4_2_8'), with '@sampled' for the
+        sampled rule ('4_2_8@sampled')."""
         if self.proposer == "none":
             return "plain"
-        return f"ngram:{self.strategy.name}" if self.proposer == "ngram" else self.strategy.name
+        name = f"ngram:{self.strategy.name}" if self.proposer == "ngram" else self.strategy.name
+        return name if self.rule == "target_only" else f"{name}@{self.rule}"
 
     @staticmethod
     def from_arm(arm: str, ngram_max: int = 3, ngram_min: int = 1) -> "SpeculativeSpec":
         """Inverse of :attr:`arm`."""
         if arm == "plain":
             return SpeculativeSpec(proposer="none")
-        proposer, _, name = str(arm).rpartition(":")
-        return SpeculativeSpec(SpecStrategy.parse(name), proposer=proposer or "eagle", ngram_max=ngram_max,
-                               ngram_min=ngram_min)
+        body, _, rule = str(arm).partition("@")
+        proposer, _, name = body.rpartition(":")
+        return SpeculativeSpec(SpecStrategy.parse(name), proposer=proposer or "eagle", rule=rule or "target_only",
+                               ngram_max=ngram_max, ngram_min=ngram_min)
 
 
 @flax.struct.dataclass
@@ -110,20 +122,46 @@ class SpecState:
 
 
 def grow_tree(drafter: Drafter, target: Decoder, head_w: jax.Array, dcache: KVCache, draft_hidden: jax.Array,
-              root: jax.Array, strategy: SpecStrategy) -> DraftTree:
-    """EAGLE-2 dynamic tree from the drafter's last feature. Returns a DraftTree of V nodes."""
+              root: jax.Array, strategy: SpecStrategy, children: Optional[ChildFn] = None,
+              key: Optional[jax.Array] = None, sampling: Optional[SamplingParams] = None) -> DraftTree:
+    """A draft tree of V nodes from the drafter's last feature.
+
+    Deterministic (``children`` None): the EAGLE-2 dynamic tree: each level expands the K candidates of best
+    cumulative draft log-probability with their top-K children, and the V - 1 best candidates of all levels are
+    kept. Sampled (``children``, e.g. ``acceptance.without_replacement``, with ``key`` and the rollout's
+    ``sampling``): the children of an expanded node are drawn from the drafter's sampling distribution over the
+    whole vocabulary, and which nodes are expanded and kept depends only on their draw ranks (a static shape,
+    prior -log(1 + rank) per edge), as the sampled rule's exactness needs; the tree carries each node's rank and
+    the drafter's distribution at each node.
+    """
     d_max, k, v = strategy.depth, strategy.top_k, strategy.num_verify
     b, h = draft_hidden.shape
     n = dcache.lengths  # the root sits at target position n
-    logq = jax.nn.log_softmax(drafter.logits(draft_hidden, head_w), axis=-1)  # [B, N]
-    score, idx = jax.lax.top_k(logq, k)  # level 1
-    tok = drafter.to_token_ids(idx)
+    sampled = children is not None
+    prior = -jnp.log1p(jnp.arange(k, dtype=jnp.float32))  # [K] static score of a child by its draw rank
+
+    def expand(hidden, level_key):
+        """(scores, token ids, ranks, log q) of the children of the nodes whose drafter output is ``hidden``."""
+        logits = drafter.logits(hidden, head_w)
+        if not sampled:
+            logq = jax.nn.log_softmax(logits, axis=-1)
+            s_child, i_child = jax.lax.top_k(logq, k)
+            return s_child, drafter.to_token_ids(i_child), None, None
+        logq = sampling_logprobs(drafter.full_vocab_logits(logits), sampling)
+        _, tok = children(level_key, logq, k)
+        rank = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), tok.shape)
+        return jnp.broadcast_to(prior, tok.shape), tok, rank, logq
+
+    keys = jax.random.split(key, d_max) if sampled else [None] * d_max
+    score, tok, rank, root_logq = expand(draft_hidden, keys[0])  # level 1
     pool_tok, pool_score, pool_parent, pool_depth = [tok], [score], [jnp.full((b, k), -1, jnp.int32)], [1]
+    pool_rank, expanded_logq = [rank], [None if root_logq is None else root_logq[:, None]]
     front_pool = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32)[None], (b, k))
     front_tok, front_score = tok, score
     front_feat = jnp.broadcast_to(draft_hidden[:, None, :], (b, k, h))
     n_exp = (d_max - 1) * k  # expanded nodes (levels 1 .. D-1)
     front_anc = jnp.zeros((b, k, max(n_exp, 1)), bool)
+    expanded_pool = []  # pool index of each expanded node, by level
     exp_k = exp_v = None
     offset = k
     for level in range(1, d_max):
@@ -136,15 +174,17 @@ def grow_tree(drafter: Drafter, target: Decoder, head_w: jax.Array, dcache: KVCa
         hid, (kk, vv), _ = drafter(target, front_tok, front_feat, positions, mask, dcache, extra_kv=extra)
         exp_k = kk if exp_k is None else jnp.concatenate([exp_k, kk], axis=1)
         exp_v = vv if exp_v is None else jnp.concatenate([exp_v, vv], axis=1)
-        logq = jax.nn.log_softmax(drafter.logits(hid, head_w), axis=-1)  # [B, K, N]
-        s_child, i_child = jax.lax.top_k(logq, k)  # [B, K, K]
+        s_child, c_tok, c_rank, logq = expand(hid, keys[level])  # [B, K, K]
+        expanded_pool.append(front_pool)
+        expanded_logq.append(logq)
         cum = (front_score[:, :, None] + s_child).reshape(b, k * k)
-        c_tok = drafter.to_token_ids(i_child).reshape(b, k * k)
+        c_tok = c_tok.reshape(b, k * k)
         c_parent = jnp.repeat(front_pool, k, axis=1)  # pool index of each candidate's parent
         pool_tok.append(c_tok)
         pool_score.append(cum)
         pool_parent.append(c_parent)
         pool_depth.append(level + 1)
+        pool_rank.append(None if c_rank is None else c_rank.reshape(b, k * k))
         if level < d_max - 1:  # next frontier: the K best candidates of this level
             best_score, best = jax.lax.top_k(cum, k)
             par = best // k  # frontier index of the parent
@@ -164,14 +204,27 @@ def grow_tree(drafter: Drafter, target: Decoder, head_w: jax.Array, dcache: KVCa
     _, sel = jax.lax.top_k(p_score, v - 1)
     sel = jnp.sort(sel, axis=1).astype(jnp.int32)
     pool_size = p_tok.shape[1]
+    rows = jnp.arange(b)[:, None]
     inv = jnp.full((b, pool_size), -2, jnp.int32)
-    inv = inv.at[jnp.arange(b)[:, None], sel].set(jnp.arange(1, v, dtype=jnp.int32)[None])
+    inv = inv.at[rows, sel].set(jnp.arange(1, v, dtype=jnp.int32)[None])
     sel_parent = jnp.take_along_axis(p_parent, sel, axis=1)
     parent_tree = jnp.where(sel_parent < 0, 0, jnp.take_along_axis(inv, jnp.maximum(sel_parent, 0), axis=1))
     tokens = jnp.concatenate([root[:, None], jnp.take_along_axis(p_tok, sel, axis=1)], axis=1)
     parents = jnp.concatenate([jnp.full((b, 1), -1, jnp.int32), parent_tree], axis=1)
     depth = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), jnp.take_along_axis(p_depth, sel, axis=1)], axis=1)
-    return DraftTree(tokens.astype(jnp.int32), parents, depth)
+    if not sampled:
+        return DraftTree(tokens.astype(jnp.int32), parents, depth, top_k=k)
+    # the drafter's distribution at every kept node: the root's, an expanded node's, -inf at leaves
+    p_rank = jnp.concatenate(pool_rank, axis=1)
+    ranks = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), jnp.take_along_axis(p_rank, sel, axis=1)], axis=1)
+    all_logq = jnp.concatenate(expanded_logq, axis=1)  # [B, 1 + (D - 1) K, Vocab]
+    slot_of_pool = jnp.full((b, pool_size), -1, jnp.int32)
+    for level, pool_idx in enumerate(expanded_pool):
+        slot_of_pool = slot_of_pool.at[rows, pool_idx].set(1 + level * k + jnp.arange(k, dtype=jnp.int32)[None])
+    slots = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), jnp.take_along_axis(slot_of_pool, sel, axis=1)], axis=1)
+    node_logq = jnp.take_along_axis(all_logq, jnp.maximum(slots, 0)[:, :, None], axis=1)
+    node_logq = jnp.where((slots >= 0)[:, :, None], node_logq, -jnp.inf)
+    return DraftTree(tokens.astype(jnp.int32), parents, depth, rank=ranks, draft_logq=node_logq, top_k=k)
 
 
 def _extend_drafter(drafter: Drafter, target: Decoder, dcache: KVCache, feats, tokens, count, active):
@@ -254,8 +307,14 @@ def speculative_step(model: Decoder, drafter: Optional[Drafter], head_w, st: Spe
     n = cache.lengths
     s_max = cache.max_len
     # 1. draft
+    rng, key = jax.random.split(st.rng)
+    rule = get_rule(speculation.rule)
+    sampled = rule.children is not None and not spec.sampling.greedy
+    if sampled:
+        key, draft_key = jax.random.split(key)
     if speculation.proposer == "eagle":
-        tree = grow_tree(drafter, model, head_w, st.dcache, st.draft_hidden, st.next_token, strat)
+        tree = grow_tree(drafter, model, head_w, st.dcache, st.draft_hidden, st.next_token, strat,
+                         *((rule.children, draft_key, spec.sampling) if sampled else ()))
     elif speculation.proposer == "none":
         tree = chain_tree(st.next_token, jnp.zeros((b, 0), jnp.int32))
     else:
@@ -272,8 +331,7 @@ def speculative_step(model: Decoder, drafter: Optional[Drafter], head_w, st: Spe
         positions = (n[:, None] + tree.depth).astype(jnp.int32)
         logits, hidden, new_kv = verify(model, tree.tokens, positions, mask, cache, attn_impl=spec.attn_impl)
     # 3. accept
-    rng, key = jax.random.split(st.rng)
-    acc = get_rule(speculation.acceptance)(key, logits, tree, spec.sampling, d_max)
+    acc = rule.accept(key, logits, tree, spec.sampling, d_max)
     w = d_max + 1
     j = jnp.arange(w, dtype=jnp.int32)[None, :]
     emitted = acc.num_accepted + 1

@@ -9,14 +9,16 @@ A strategy fixes the tree's shape statically (one compiled program per strategy)
 A draft tree is described per row by ``tokens [B, V]`` (node 0 is the root: the last committed token, not
 yet in the target's cache), ``parents [B, V]`` (tree index of each node's parent; -1 for the root, -2 for a
 node that must never be followed) and ``depth [B, V]`` (0 for the root). Nodes come in topological order
-(parents before children), and the children of one node carry distinct tokens.
+(parents before children), and the children of one node carry distinct tokens. The sampled acceptance rule also
+needs each node's draw order among its siblings (``rank``) and the drafter's distribution at every node
+(``draft_logq``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -76,6 +78,9 @@ class DraftTree(NamedTuple):
     tokens: jax.Array  # [B, V] int32
     parents: jax.Array  # [B, V] int32
     depth: jax.Array  # [B, V] int32
+    rank: Optional[jax.Array] = None  # [B, V] int32 draw order among siblings (the sampled rule)
+    draft_logq: Optional[jax.Array] = None  # [B, V, Vocab] the drafter's sampling log-probs at each node
+    top_k: int = 1  # static: children per expanded node
 
 
 def ancestor_mask(parents: jax.Array, max_depth: int) -> jax.Array:
@@ -96,4 +101,4 @@ def chain_tree(root: jax.Array, drafts: jax.Array) -> DraftTree:
     tokens = jnp.concatenate([root[:, None], drafts], axis=1).astype(jnp.int32)
     parents = jnp.broadcast_to(jnp.arange(-1, d, dtype=jnp.int32)[None], (b, d + 1))
     depth = jnp.broadcast_to(jnp.arange(d + 1, dtype=jnp.int32)[None], (b, d + 1))
-    return DraftTree(tokens, parents, depth)
+    return DraftTree(tokens, parents, depth, rank=jnp.zeros((b, d + 1), jnp.int32))
