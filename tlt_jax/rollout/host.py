@@ -132,15 +132,16 @@ class _Programs:
         self.start_static, self.chunk_static = start_static, chunk_static
         self._compiled: Dict[Any, Tuple[Callable, Callable]] = {}
 
-    def on(self, mesh: Optional[Mesh], params, drafter_params, inputs, static: Dict[str, Any]):
-        """(start, chunk) callables taking (params, [drafter_params,] ...) for ``mesh`` (None: one device)."""
+    def on(self, mesh: Optional[Mesh], models: Tuple, inputs, static: Dict[str, Any]):
+        """(start, chunk) callables for ``mesh`` (None: one device), taking ``models`` (the policy's parameters,
+        and the drafter's for speculation), then the start's ``inputs`` or the chunk's state."""
         start_kw = {k: static[k] for k in self.start_static}
         chunk_kw = {k: static[k] for k in self.chunk_static}
         if mesh is None:
             return (lambda *a: self.start_jit(*a, **start_kw)), (lambda *a: self.chunk_jit(*a, **chunk_kw))
         key = (mesh, tuple((x.shape, x.dtype) for x in inputs), tuple(sorted(start_kw.items(), key=str)))
         if key not in self._compiled:
-            lead = (params,) if drafter_params is _NO_DRAFTER else (params, drafter_params)
+            lead = tuple(models)
             abstract = jax.eval_shape(lambda *a: self.start_fn(*a, **start_kw), *lead, *inputs)
             state_sh = tree_shardings(abstract, mesh, STATE_RULES)
             param_sh = jax.tree.map(lambda x: x.sharding, lead)
@@ -153,7 +154,6 @@ class _Programs:
         return self._compiled[key]
 
 
-_NO_DRAFTER = object()
 PLAIN_PROGRAMS = _Programs(plain_programs.rollout_start, plain_programs.rollout_chunk, plain_programs.start_rollout,
                            plain_programs.decode_chunk, plain_programs.START_STATIC, plain_programs.CHUNK_STATIC)
 SPECULATIVE_PROGRAMS = _Programs(speculative_programs.speculative_start, speculative_programs.speculative_steps,
@@ -199,7 +199,7 @@ class PlainRollout(_FixedRollout):
         batch = self._prepare(prompts, max_new)
         params = self._place_params(params)
         inputs = _inputs(batch, seed, self.mesh)
-        start, chunk = PLAIN_PROGRAMS.on(self.mesh, params, _NO_DRAFTER, inputs, dict(
+        start, chunk = PLAIN_PROGRAMS.on(self.mesh, (params,), inputs, dict(
             graphdef=self.graphdef, spec=self.spec, cache_len=batch.cache_len))
         return run_until_done(lambda: start(params, *inputs), lambda st: chunk(params, st), on_chunk)
 
@@ -233,7 +233,7 @@ class SpeculativeRollout(_FixedRollout):
             drafter_params = drafter.params if self.mesh is None else to_mesh(
                 drafter.params, NamedSharding(self.mesh, P()))
         inputs = _inputs(batch, seed, self.mesh)
-        start, chunk = SPECULATIVE_PROGRAMS.on(self.mesh, params, drafter_params, inputs, dict(
+        start, chunk = SPECULATIVE_PROGRAMS.on(self.mesh, (params, drafter_params), inputs, dict(
             graphdef=self.graphdef, drafter_graphdef=self.drafter_graphdef, spec=self.spec, speculation=sp,
             cache_len=batch.cache_len))
         return run_until_done(lambda: start(params, drafter_params, *inputs),
