@@ -16,6 +16,7 @@ def get_config():
     c.rollout.max_new_tokens = 128
     c.rollout.chunk_steps = 16
     c.rollout.temperature = 0.7  # RL samples at 0.7 (tlt-generate too; --config.rollout.temperature=0: greedy)
+    c.drafter.warmup.temperatures = (0.0, 0.7)  # the drafter learns from greedy answers and answers at the RL's T
     # GRPO on the generated arithmetic task, sized for a 2-core CPU (about a minute per RL step).
     c.rl.steps = 12
     c.rl.prompts_per_step = 4

@@ -2,16 +2,19 @@
 command: tests/cli)."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from tests.helpers import tiny_model, train_drafter
-from tlt_jax.io.drafter import load_drafter, save_drafter
-from tlt_jax.drafter.warmup import choose_draft_vocab
 from tlt_jax.core.errors import CheckpointError
+from tlt_jax.drafter.loss import distribution_overlap, drafter_loss, target_features
+from tlt_jax.drafter.warmup import choose_draft_vocab, pack
+from tlt_jax.io.drafter import load_drafter, save_drafter
 from tlt_jax.models import Decoder
 from tlt_jax.models.drafter import Drafter
+from tlt_jax.rollout import RolloutSpec, generate
 
 
 def _prompts(n, seed=0):
@@ -39,6 +42,30 @@ def test_training_lowers_the_loss_and_agrees_with_the_target():
     drafter, last = train_drafter(model, prompts, steps=120, new_tokens=16)
     assert last["loss"] < 0.5 * first["loss"], (first, last)
     assert last["top1"] > first["top1"] + 0.2, (first, last)
+
+
+def test_distribution_term_at_the_rollout_temperature():
+    """The loss's KL term at T adds dist_weight x KL to the EAGLE loss; its TV metric (draft vocabulary) equals
+    1 - the full-vocabulary overlap the warm-up reports when the draft vocabulary is the whole vocabulary, and a
+    drafter trained to the target gets closer to it (the overlap grows)."""
+    cfg, model = tiny_model()
+    prompts = _prompts(4)
+    answers = generate(model, prompts, RolloutSpec(max_new_tokens=12)).tokens
+    tokens, valid, loss_mask = (jnp.asarray(x) for x in pack(prompts, answers, 24, 0))
+    feats = target_features(model, tokens, valid)
+    fresh, _ = train_drafter(model, prompts, steps=1, new_tokens=12)
+    trained, _ = train_drafter(model, prompts, steps=120, new_tokens=12)
+    overlaps = []
+    for drafter in (fresh, trained):
+        head = drafter.head_weight(model)
+        plain, m0 = drafter_loss(drafter, model, tokens, feats, loss_mask, head)
+        loss, m = drafter_loss(drafter, model, tokens, feats, loss_mask, head, temperature=0.7, dist_weight=0.5)
+        np.testing.assert_allclose(float(loss), float(plain) + 0.5 * float(m["kl"]), rtol=1e-5)
+        assert float(m["kl"]) >= 0 and 0 <= float(m["tv"]) <= 1 and "kl" not in m0
+        overlap = float(distribution_overlap(drafter, model, tokens, feats, loss_mask, 0.7))
+        np.testing.assert_allclose(overlap, 1.0 - float(m["tv"]), atol=1e-5)
+        overlaps.append(overlap)
+    assert overlaps[1] > overlaps[0] + 0.05, overlaps
 
 
 def test_draft_vocabulary_keeps_stop_tokens_and_frequent_ids():

@@ -75,12 +75,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.drafter = ml_collections.ConfigDict(dict(
         checkpoint="",  # '' = <cache dir>/drafters/<config name>
         draft_vocab=8192,  # ids the drafter proposes from (most frequent in its warm-up data); 0 = all
+        dist_weight=0.1,  # the loss's KL term at rollout.temperature, offline and online (0: the EAGLE loss alone)
     ))
     c.drafter.warmup = ml_collections.ConfigDict(dict(
         num_prompts=128,  # task prompts answered by the target (self-distillation data)
         eval_prompts=8,  # held-out prompts for the acceptance estimate
         max_new_tokens=192,
-        temperatures=(0.0, 1.0),  # answers are generated at these temperatures, in equal shares
+        temperatures=(0.0, 1.0),  # answers are generated at these temperatures, in equal shares (greedy and RL's)
         gen_batch=32,
         steps=400,
         batch_size=8,

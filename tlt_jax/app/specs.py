@@ -230,7 +230,15 @@ def spot_spec(config) -> SpotSpec:
     return SpotSpec(rows=int(t.spot_rows), seq_len=int(t.spot_seq_len), noise=float(t.spot_noise),
                     max_steps_per_rollout=int(t.spot_max_steps), warm_after=int(t.warm_after),
                     buffer_capacity=int(t.buffer_capacity), buffer_window=int(t.buffer_window),
-                    buffer_lag=int(t.buffer_lag))
+                    buffer_lag=int(t.buffer_lag), temperature=float(config.rollout.temperature),
+                    dist_weight=dist_weight(config))
+
+
+def dist_weight(config) -> float:
+    """``drafter.dist_weight``: the weight of the drafter loss's KL term at ``rollout.temperature``."""
+    if float(config.drafter.dist_weight) < 0:
+        raise ConfigError(f"drafter.dist_weight must be >= 0, got {config.drafter.dist_weight}")
+    return float(config.drafter.dist_weight)
 
 
 def warmup_spec(config) -> WarmupSpec:
@@ -251,7 +259,8 @@ def warmup_spec(config) -> WarmupSpec:
                       seq_len=int(w.seq_len), lr=float(w.lr), weight_decay=float(w.weight_decay),
                       feature_noise=float(w.feature_noise), time_budget_s=float(w.time_budget_s),
                       data_seed=int(w.data_seed), draft_vocab=int(config.drafter.draft_vocab),
-                      seed=int(config.seed))
+                      seed=int(config.seed), dist_temperature=float(config.rollout.temperature),
+                      dist_weight=dist_weight(config))
 
 
 def _check_rl(config) -> None:

@@ -51,8 +51,14 @@ def segment_positions(segments: jax.Array) -> jax.Array:
 
 def drafter_loss(drafter: Drafter, target: Decoder, tokens: jax.Array, feats: jax.Array, loss_mask: jax.Array,
                  head_w: jax.Array, noise_key: jax.Array = None, noise: float = 0.0,
-                 segments: Optional[jax.Array] = None) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+                 segments: Optional[jax.Array] = None, temperature: float = 0.0, dist_weight: float = 0.0
+                 ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
     """Mean EAGLE loss and metrics.
+
+    With ``temperature`` > 0 a distribution term at the rollout's temperature is added, ``dist_weight`` x
+    KL(p_T || q_T) between the target's and the drafter's next-token distributions softmax(logits / T) over the
+    draft vocabulary (what the sampled acceptance rule rewards: it accepts with probability 1 - TV(p, q)); the
+    metrics then carry ``tv`` = TV(p_T, q_T) over the draft vocabulary.
 
     Args:
       tokens: [B, L] int32 (right padded); feats: [B, L, H] target features of those tokens.
@@ -93,8 +99,36 @@ def drafter_loss(drafter: Drafter, target: Decoder, tokens: jax.Array, feats: ja
     logq = jax.nn.log_softmax(drafter.logits(pred, w), axis=-1)
     ce = -(p * logq).sum(-1)
     denom = jnp.maximum(m.sum(), 1.0)
-    loss = ((REG_WEIGHT * reg + CE_WEIGHT * ce) * m).sum() / denom
+    per_token = REG_WEIGHT * reg + CE_WEIGHT * ce
     top1 = (jnp.argmax(logq, -1) == jnp.argmax(p, -1)).astype(jnp.float32)
-    metrics = {"loss": loss, "reg": (reg * m).sum() / denom, "ce": (ce * m).sum() / denom,
-               "top1": (top1 * m).sum() / denom, "tokens": m.sum()}
+    metrics = {"reg": (reg * m).sum() / denom, "ce": (ce * m).sum() / denom, "top1": (top1 * m).sum() / denom,
+               "tokens": m.sum()}
+    if temperature > 0:
+        logp_t = jax.nn.log_softmax(drafter.logits(tgt, w) / temperature, axis=-1)
+        logq_t = jax.nn.log_softmax(drafter.logits(pred, w) / temperature, axis=-1)
+        kl = (jnp.exp(logp_t) * (logp_t - logq_t)).sum(-1)
+        tv = 0.5 * jnp.abs(jnp.exp(logp_t) - jnp.exp(logq_t)).sum(-1)
+        per_token = per_token + dist_weight * kl
+        metrics.update(kl=(kl * m).sum() / denom, tv=(tv * m).sum() / denom)
+    loss = (per_token * m).sum() / denom
+    metrics["loss"] = loss
     return loss, metrics
+
+
+def distribution_overlap(drafter: Drafter, target: Decoder, tokens: jax.Array, feats: jax.Array,
+                         loss_mask: jax.Array, temperature: float) -> jax.Array:
+    """Mean over the ``loss_mask`` positions of 1 - TV(p_T, q_T) = sum_x min(p_T(x), q_T(x)), teacher forced:
+    the target's next-token distribution at temperature T over its whole vocabulary against the drafter's (zero
+    off the draft vocabulary). The sampled rule accepts a drafted token with this probability."""
+    b, l = tokens.shape
+    t = l - 1
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
+    pred, _, _ = drafter(target, tokens[:, 1:], feats[:, :-1], positions,
+                         jnp.broadcast_to(causal_mask(t)[None], (b, t, t)))
+    full_w = drafter.head_weight(target, full=True)
+    logp = jax.nn.log_softmax(drafter.logits(feats[:, 1:], full_w) / temperature, axis=-1)
+    logq = jax.nn.log_softmax(drafter.full_vocab_logits(drafter.logits(pred, drafter.head_weight(target)))
+                              / temperature, axis=-1)
+    overlap = jnp.minimum(jnp.exp(logp), jnp.exp(logq)).sum(-1)
+    m = loss_mask[:, 1:].astype(jnp.float32)
+    return (overlap * m).sum() / jnp.maximum(m.sum(), 1.0)

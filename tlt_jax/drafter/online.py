@@ -37,7 +37,8 @@ class OnlineDrafter:
             graphdef, params, frozen = split_drafter(drafter)
             self.trainer = SpotTrainer(graphdef, params, frozen, target_graphdef, self.buffer, optimizer,
                                        rows=spot.rows, seq_len=spot.seq_len, seed=seed, noise=spot.noise,
-                                       max_steps_per_rollout=spot.max_steps_per_rollout)
+                                       max_steps_per_rollout=spot.max_steps_per_rollout,
+                                       temperature=spot.temperature, dist_weight=spot.dist_weight)
 
     @property
     def graphdef(self):

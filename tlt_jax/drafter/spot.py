@@ -39,6 +39,8 @@ class SpotSpec(NamedTuple):
     buffer_capacity: int = 256  # answers held by the data buffer
     buffer_window: int = 512  # the last <= this many tokens of an answer are kept
     buffer_lag: int = 2  # features of the last this-many RL steps are sampled
+    temperature: float = 0.0  # the loss's distribution term at this temperature (the rollout's; 0: off)
+    dist_weight: float = 0.0
 
 
 class SpotTrainer:
@@ -53,7 +55,8 @@ class SpotTrainer:
 
     def __init__(self, drafter_graphdef, drafter_params, drafter_frozen, target_graphdef, buffer: DrafterBuffer,
                  optimizer: optax.GradientTransformation, *, rows: int = 4, seq_len: int = 256, seed: int = 0,
-                 noise: float = 0.0, max_steps_per_rollout: int = 0, gather=None):
+                 noise: float = 0.0, max_steps_per_rollout: int = 0, temperature: float = 0.0,
+                 dist_weight: float = 0.0, gather=None):
         self.drafter_graphdef, self.drafter_frozen = drafter_graphdef, drafter_frozen
         self.target_graphdef = target_graphdef
         self.params = drafter_params
@@ -61,6 +64,7 @@ class SpotTrainer:
         self.opt_state = optimizer.init(drafter_params)
         self.buffer = buffer
         self.rows, self.seq_len, self.seed, self.noise = int(rows), int(seq_len), int(seed), float(noise)
+        self.temperature, self.dist_weight = float(temperature), float(dist_weight)
         self.max_steps = int(max_steps_per_rollout)
         self._gather = gather
         self.rl_step = 0
@@ -104,7 +108,8 @@ class SpotTrainer:
                                                 feats, mask, key, segments=seg,
                                                 drafter_graphdef=self.drafter_graphdef,
                                                 target_graphdef=self.target_graphdef, optimizer=self.optimizer,
-                                                noise=self.noise)
+                                                noise=self.noise, temperature=self.temperature,
+                                                dist_weight=self.dist_weight)
         s["metrics"].append(met)
         s["steps"] += 1
         s["t"] += time.perf_counter() - t0

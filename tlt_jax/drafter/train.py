@@ -20,22 +20,25 @@ def split_drafter(drafter: Drafter):
     return nnx.split(drafter, nnx.Param, ...)
 
 
-@functools.partial(jax.jit, static_argnames=("drafter_graphdef", "target_graphdef", "optimizer", "noise"),
+@functools.partial(jax.jit, static_argnames=("drafter_graphdef", "target_graphdef", "optimizer", "noise", "temperature",
+                                             "dist_weight"),
                    donate_argnames=("drafter_params", "opt_state"))
 def train_step(drafter_params, drafter_frozen, opt_state, target_params, tokens, feats, loss_mask, key=None,
                segments=None, *, drafter_graphdef, target_graphdef, optimizer: optax.GradientTransformation,
-               noise: float = 0.0) -> Tuple[object, object, Dict[str, jax.Array]]:
+               noise: float = 0.0, temperature: float = 0.0, dist_weight: float = 0.0
+               ) -> Tuple[object, object, Dict[str, jax.Array]]:
     """One update of the drafter's own parameters; the target's (embedding, head) are read, not trained.
 
     ``key`` and ``noise``: optional uniform input-feature noise (see :func:`drafter_loss`).
     ``segments``: optional [B, L] int32 segment ids of packed rows (0 = padding; see :func:`drafter_loss`).
+    ``temperature``, ``dist_weight``: the distribution term at the rollout temperature (see :func:`drafter_loss`).
     """
     target: Decoder = nnx.merge(target_graphdef, target_params)
 
     def loss_fn(p):
         drafter = nnx.merge(drafter_graphdef, p, drafter_frozen)
         return drafter_loss(drafter, target, tokens, feats, loss_mask, drafter.head_weight(target), key, noise,
-                            segments)
+                            segments, temperature, dist_weight)
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(drafter_params)
     updates, opt_state = optimizer.update(grads, opt_state, drafter_params)

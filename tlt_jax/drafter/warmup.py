@@ -4,8 +4,10 @@
 2. One forward over each (prompt + answer) gives the target's features (final hidden states).
 3. The drafter (draft vocabulary = the most frequent answer tokens) is trained with the EAGLE loss on the
    response positions, with uniform noise on its input features and weight decay (the data is small).
-4. Held-out acceptance: a greedy chain-4 speculative rollout on ``eval_prompts`` unseen prompts reports the
-   acceptance length (tokens committed per target forward); the teacher-forced top-1 agreement is shown too.
+4. Held-out: chain-4 speculative rollouts on ``eval_prompts`` unseen prompts report the acceptance length (tokens
+   committed per target forward) at T = 0, 0.7 and 1 (the sampled rule when T > 0), and on the greedy held-out
+   answers, teacher forced, 1 - TV between the target's and the drafter's distributions at T = 0.7 and 1 (the
+   sampled rule's acceptance probability per drafted token).
 5. The drafter is saved with orbax (its own weights only) to ``out``. The generated data is kept next to it
    (``warmup_data.npz``) and reused by a rerun with the same settings, so an interrupted warm-up does not
    generate twice.
@@ -20,13 +22,14 @@ import time
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from tlt_jax.core.optim import make_optimizer
 from tlt_jax.core.seeds import numpy_stream, stream_seed
 from tlt_jax.data.tasks import arithmetic_problems
-from tlt_jax.drafter.loss import target_features
+from tlt_jax.drafter.loss import distribution_overlap, target_features
 from tlt_jax.drafter.train import split_drafter, train_step
 from tlt_jax.io.drafter import save_drafter
 from tlt_jax.io.tokenizer import chat_prompt_ids
@@ -39,6 +42,7 @@ from tlt_jax.rollout.speculative import SpeculativeSpec
 from tlt_jax.rollout.tree import SpecStrategy
 
 DATA_VERSION = 2  # bumped when the prompt generator changes: cached answers of another version are not reused
+EVAL_TEMPERATURES = (0.0, 0.7, 1.0)  # held-out acceptance at these; 1 - TV at the non-zero ones
 
 
 class WarmupSpec(NamedTuple):
@@ -59,6 +63,8 @@ class WarmupSpec(NamedTuple):
     data_seed: int = 1
     draft_vocab: int = 8192  # ids the drafter proposes from (most frequent in its warm-up data); 0 = all
     seed: int = 0
+    dist_temperature: float = 0.0  # the loss's distribution term at this temperature (the rollout's; 0: off)
+    dist_weight: float = 0.0
 
 
 def build_prompts(tokenizer, n: int, seed: int, system: Optional[str]) -> List[List[int]]:
@@ -195,7 +201,8 @@ def warm_up_drafter(model: Decoder, tokenizer, spec: WarmupSpec, *, out: str, st
         drafter_params, opt_state, m = train_step(
             drafter_params, drafter_frozen, opt_state, target_params, tokens[idx], feats[idx], loss_mask[idx],
             jax.random.PRNGKey(stream_seed(spec.seed, "warmup_noise", step)), drafter_graphdef=drafter_graphdef,
-            target_graphdef=graphdef, optimizer=opt, noise=spec.feature_noise)
+            target_graphdef=graphdef, optimizer=opt, noise=spec.feature_noise, temperature=spec.dist_temperature,
+            dist_weight=spec.dist_weight)
         if step % 20 == 0 or step == spec.steps:
             m = {k: float(v) for k, v in m.items()}
             hist.append(m)
@@ -207,14 +214,28 @@ def warm_up_drafter(model: Decoder, tokenizer, spec: WarmupSpec, *, out: str, st
                 break
     drafter = nnx.merge(drafter_graphdef, drafter_params, drafter_frozen)
 
-    # 4. held-out acceptance
-    log(f"[warmup] 4/4 held-out acceptance on {len(eval_prompts)} unseen prompts (greedy, chain-4)")
-    greedy = RolloutSpec(max_new_tokens=spec.max_new_tokens, stop_tokens=tuple(stops), chunk_steps=16)
-    res = generate(model, eval_prompts, greedy, speculation=SpeculativeSpec(SpecStrategy(depth=4)), drafter=drafter)
-    accept = res.accept_len
-    log(f"  acceptance length {accept:.2f} tokens per target forward ({int(res.lengths.sum())} tokens)")
-    extra = {"accept_len_chain4_greedy": accept, "steps": step, "train_top1": hist[-1]["top1"] if hist else None,
-             "response_tokens": n_resp, "seconds": time.perf_counter() - t_start}
+    # 4. held-out acceptance and distribution overlap
+    log(f"[warmup] 4/4 held-out acceptance on {len(eval_prompts)} unseen prompts (chain-4)")
+    extra = {"steps": step, "train_top1": hist[-1]["top1"] if hist else None, "response_tokens": n_resp}
+    greedy_answers = None
+    for temp in EVAL_TEMPERATURES:
+        rollout = RolloutSpec(max_new_tokens=spec.max_new_tokens, stop_tokens=tuple(stops), chunk_steps=16,
+                              sampling=SamplingParams(temperature=temp))
+        speculation = SpeculativeSpec(SpecStrategy(depth=4), rule="sampled" if temp > 0 else "target_only")
+        res = generate(model, eval_prompts, rollout, speculation=speculation, drafter=drafter,
+                       seed=stream_seed(spec.seed, "warmup_eval", int(temp * 100)))
+        greedy_answers = res.tokens if temp == 0 else greedy_answers
+        extra[f"accept_len_chain4_t{temp:g}"] = res.accept_len
+        log(f"  T={temp:g} ({speculation.rule}): acceptance length {res.accept_len:.2f} tokens per target forward "
+            f"({int(res.lengths.sum())} tokens)")
+    extra["accept_len_chain4_greedy"] = extra["accept_len_chain4_t0"]
+    tokens, valid, loss_mask = pack(eval_prompts, greedy_answers, spec.seq_len, pad)
+    feats = feats_fn(target_params, tokens, valid)
+    for temp in EVAL_TEMPERATURES[1:]:
+        overlap = float(distribution_overlap(drafter, model, jnp.asarray(tokens), feats, jnp.asarray(loss_mask), temp))
+        extra[f"one_minus_tv_t{temp:g}"] = overlap
+        log(f"  T={temp:g}: held-out 1 - TV(target, drafter) = {overlap:.3f} (teacher forced, greedy answers)")
+    extra["seconds"] = time.perf_counter() - t_start
     path = save_drafter(out, drafter, model, step=step, extra=extra, replace=True)
     log(f"[warmup] saved drafter to {path} ({time.perf_counter() - t_start:.0f}s in all)")
     return extra

@@ -76,8 +76,9 @@ class Drafter(nnx.Module):
 
     # ------------------------------------------------------------------------------------------ head
 
-    def head_weight(self, target: Decoder) -> jax.Array:
-        """[N, H] rows of the policy's LM head the drafter proposes from (N = draft vocabulary size).
+    def head_weight(self, target: Decoder, full: bool = False) -> jax.Array:
+        """[N, H] rows of the policy's LM head the drafter proposes from (N = draft vocabulary size; ``full``:
+        every row, N = the target's vocabulary).
 
         With a draft vocabulary this is a gather (a temporary; compute it once per chunk and pass it to
         :meth:`logits`); without one it is the policy's own weight, transposed lazily by XLA.
@@ -86,7 +87,7 @@ class Drafter(nnx.Module):
             w = target.embed_tokens.embedding[...]
         else:
             w = target.lm_head.kernel[...].T
-        if self.vocab_ids is not None:
+        if self.vocab_ids is not None and not full:
             w = jnp.take(w, self.vocab_ids[...], axis=0)
         return w
 
