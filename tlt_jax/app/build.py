@@ -25,7 +25,7 @@ from tlt_jax.models.decoder import Decoder
 from tlt_jax.models.drafter import Drafter
 from tlt_jax.parallel.sharding import param_shardings, shard_model
 from tlt_jax.rollout.decode import RolloutSpec
-from tlt_jax.rollout.host import PlainRollout, SpeculativeRollout
+from tlt_jax.rollout import host
 from tlt_jax.rollout.speculative import SpeculativeSpec
 from tlt_jax.rollout.tree import SpecStrategy
 
@@ -101,14 +101,9 @@ def ngram_fallback(config) -> SpeculativeSpec:
 def fixed_rollout(config, graphdef, model_cfg: ModelConfig, spec: RolloutSpec, *,
                   speculation: Optional[SpeculativeSpec] = None, drafter: Optional[Drafter] = None,
                   mesh: Optional[Mesh] = None):
-    """A PlainRollout (``speculation`` None) or a SpeculativeRollout for the config's cache length."""
-    cache = specs.cache_len(config)
-    if speculation is None:
-        return PlainRollout(graphdef, spec, context_len=model_cfg.max_position_embeddings, cache_len=cache,
-                            mesh=mesh)
-    return SpeculativeRollout(graphdef, spec, speculation, model_cfg=model_cfg,
-                              drafter_graphdef=nnx.split(drafter)[0] if drafter is not None else None,
-                              drafter_cfg=drafter.cfg if drafter is not None else None, cache_len=cache, mesh=mesh)
+    """``rollout.host.fixed_rollout`` with the config's cache length (``rollout.cache_len``)."""
+    return host.fixed_rollout(graphdef, model_cfg, spec, speculation=speculation, drafter=drafter,
+                              cache_len=specs.cache_len(config), mesh=mesh)
 
 
 def one_device_mesh() -> Mesh:

@@ -66,6 +66,9 @@ class EngineConfig:
     seed: int = 0
 
 
+OUT_FIELDS = ("tokens", "logprobs", "num_tokens", "finish", "accepted", "verifies")  # harvested per row
+
+
 @jax.jit
 def _take_rows(state: SpecState, idx: jax.Array) -> SpecState:
     """The rows ``idx`` of every per-row leaf (compaction)."""
@@ -388,9 +391,6 @@ class AdaptiveEngine:
             merged[k] = g[owner, np.arange(v.shape[0])]
         merged["have"] = have.any(0)
         return merged
-
-
-OUT_FIELDS = ("tokens", "logprobs", "num_tokens", "finish", "accepted", "verifies")
 
 
 def _count_arms(timeline) -> Dict[str, int]:

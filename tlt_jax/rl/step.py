@@ -1,6 +1,6 @@
 """One GRPO step as a unit a notebook can call: rollout -> rewards -> advantages -> log-prob forward -> updates.
 
-    step = RLStep(graphdef, params, mesh, rollout=..., reward_fn=..., grpo=..., optimizer=..., decode=...)
+    step = RLStep(graphdef, params, mesh, rollout=..., reward_fn=..., grpo_config=..., optimizer=..., decode=...)
     result = step.run(prompts, golds, group_size=4, index=0)     # result.metrics, result.texts, ...
 
 The policy's parameters and optimizer state live on the training mesh (``mesh``; FSDP and tensor parallelism by

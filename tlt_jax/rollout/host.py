@@ -240,21 +240,30 @@ class SpeculativeRollout(_FixedRollout):
                               lambda st: chunk(params, drafter_params, st), on_chunk)
 
 
+def fixed_rollout(graphdef, model_cfg, spec: RolloutSpec, *, speculation: Optional[SpeculativeSpec] = None,
+                  drafter=None, cache_len: Optional[int] = None, mesh: Optional[Mesh] = None,
+                  pad_side: str = "left") -> Rollout:
+    """A :class:`PlainRollout` (``speculation`` None) or a :class:`SpeculativeRollout` (``drafter``: the drafter
+    module, for the learned proposer) of the model ``graphdef`` of config ``model_cfg``."""
+    if speculation is None:
+        return PlainRollout(graphdef, spec, context_len=model_cfg.max_position_embeddings, cache_len=cache_len,
+                            mesh=mesh, pad_side=pad_side)
+    use = speculation.proposer == "eagle" and drafter is not None
+    return SpeculativeRollout(graphdef, spec, speculation, model_cfg=model_cfg,
+                              drafter_graphdef=nnx.split(drafter)[0] if use else None,
+                              drafter_cfg=drafter.cfg if drafter is not None else None, cache_len=cache_len,
+                              mesh=mesh, pad_side=pad_side)
+
+
 def generate(model, prompts: Sequence[Sequence[int]], spec: RolloutSpec, *, seed: int = 0,
              speculation: Optional[SpeculativeSpec] = None, drafter=None, cache_len: Optional[int] = None,
              max_new: Optional[Sequence[int]] = None, pad_side: str = "left", mesh: Optional[Mesh] = None,
              on_chunk=None) -> RolloutOutput:
-    """A rollout of a Decoder module in one call (notebooks, tests): :class:`PlainRollout`, or
-    :class:`SpeculativeRollout` with ``speculation`` (and the ``drafter`` module for the learned proposer)."""
+    """A rollout of a Decoder module in one call (notebooks, tests): :func:`fixed_rollout`'s, with the
+    ``drafter`` module's parameters when the learned proposer drafts."""
     graphdef, params = nnx.split(model)
-    if speculation is None:
-        rollout = PlainRollout(graphdef, spec, context_len=model.cfg.max_position_embeddings, cache_len=cache_len,
-                               mesh=mesh, pad_side=pad_side)
-        return rollout.generate(params, prompts, seed=seed, max_new=max_new, on_chunk=on_chunk)
-    use = speculation.proposer == "eagle" and drafter is not None
-    drafter_graphdef, drafter_params = nnx.split(drafter) if use else (None, None)
-    rollout = SpeculativeRollout(graphdef, spec, speculation, model_cfg=model.cfg, drafter_graphdef=drafter_graphdef,
-                                 drafter_cfg=drafter.cfg if drafter is not None else None, cache_len=cache_len,
-                                 mesh=mesh, pad_side=pad_side)
+    rollout = fixed_rollout(graphdef, model.cfg, spec, speculation=speculation, drafter=drafter,
+                            cache_len=cache_len, mesh=mesh, pad_side=pad_side)
+    use = speculation is not None and speculation.proposer == "eagle" and drafter is not None
     return rollout.generate(params, prompts, seed=seed, max_new=max_new, on_chunk=on_chunk,
-                            drafter=DrafterInput(drafter_params) if use else None)
+                            drafter=DrafterInput(nnx.split(drafter)[1]) if use else None)
