@@ -75,6 +75,28 @@ def test_compaction_and_arms_keep_greedy_outputs(setup, replicas, ndev, tensor):
         assert out.stats["pool_relocations"] > 0
 
 
+def test_group_and_hybrid_arms_keep_greedy_outputs(setup):
+    """Groups (rows 0-3 share a prompt, 4-7 another), the group proposer before the drafter is warm and the hybrid
+    after, rows compacted away while their siblings run, a second rollout drafting from the store: greedy outputs
+    equal plain decoding's."""
+    model, drafter, prompts, max_new, _ = setup
+    grouped = [prompts[0]] * 4 + [prompts[2]] * 4
+    ref = generate(model, grouped, SPEC, max_new=max_new, seed=0)
+    g, dg = nnx.split(model)[0], nnx.split(drafter)[0]
+    config = EngineConfig(sd_threshold=4, arms=("hybrid:3_2_5@sampled",), ngram_arms=("group:chain-2",),
+                          plain_arm=False, group_store=2)
+    eng = AdaptiveEngine(g, SPEC, config, batch_size=8, cache_len=64, drafter_graphdef=dg)
+    params, dstate = nnx.split(model)[1], nnx.split(drafter)[1]
+    for use_drafter in (False, True, True):
+        out = eng.generate(params, grouped, seed=0, drafter=DrafterInput(dstate, proposes=use_drafter),
+                           max_new=max_new)
+        assert out.tokens == ref.tokens
+        assert {d[4] for d in out.decisions if d[2] == "rollout" and d[3] <= 4} == {
+            "hybrid:3_2_5@sampled" if use_drafter else "group:chain-2"}
+        assert min(d[3] for d in out.decisions if d[2] == "rollout") < eng.top_bucket
+    assert len(eng.store) == 2
+
+
 def test_precompile_reports_the_pool(setup):
     model, drafter, prompts, max_new, ref = setup
     eng = _engine(model, drafter, 2, jax.devices()[:1], arms=("chain-2",))

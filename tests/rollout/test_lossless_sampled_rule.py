@@ -16,10 +16,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tests.rollout.test_lossless_sampling import SAMPLINGS, _setup, chi_square_p, exact_joint, sample_counts
+from tests.rollout.test_lossless_sampling import (N, PROMPT, SAMPLINGS, VOCAB, _setup, chi_square_p, exact_joint,
+                                                  sample_counts)
 from tlt_jax.core.errors import ConfigError
 from tlt_jax.models.drafter import Drafter
-from tlt_jax.rollout import SamplingParams, SpeculativeSpec, SpecStrategy, acceptance
+from tlt_jax.rollout import RolloutSpec, SamplingParams, SpeculativeSpec, SpecStrategy, acceptance, generate
+from tlt_jax.rollout.suffix import GroupStore
 
 TOKENS = 4
 SAMPLINGS = dict(SAMPLINGS, **{"T1_k3": SamplingParams(temperature=1.0, top_k=3)})
@@ -115,3 +117,91 @@ def test_the_sampled_rule_needs_a_drafter_distribution():
     assert SpeculativeSpec.from_arm("4_2_8@sampled").rule == "sampled"
     assert SpeculativeSpec.from_arm("4_2_8@sampled").arm == "4_2_8@sampled"
     assert SpeculativeSpec.from_arm("plain").rule == "target_only"
+
+
+@pytest.mark.lossless
+def test_reusing_uniforms_across_depths_is_rejected(monkeypatch):
+    """The uniforms of depth 1 reused at depths 2 and 3 (correlated accept decisions): the four-token test sees
+    it (depths 1 and 2 are both inside the first verify step of a chain of 3). Measured p: 0 with the bad drafter
+    at T = 1, 1e-13 with the good one at T = 0.7 / top-p 0.9, 3e-4 to 6e-4 with the good one at T = 1."""
+    rule = acceptance.Rule(_variant(reuse_uniforms_after=1), acceptance.without_replacement)
+    monkeypatch.setitem(acceptance.ACCEPTANCE_RULES, "reused_uniforms", rule)
+    model, _, _ = _setup()
+    params = SAMPLINGS["T1"]
+    counts, _ = sample_counts(model, _drafter("bad"), params, "chain-3", rule="reused_uniforms", n=TOKENS)
+    assert chi_square_p(counts, exact_joint(model, params, TOKENS)) < 1e-6
+
+
+PAD = VOCAB  # the cell of a position after the answer ended
+
+
+def _cells(tokens, n):
+    """Counts over (VOCAB + 1)^n cells of answers of at most n tokens (PAD after the end)."""
+    counts = np.zeros((VOCAB + 1,) * n, np.int64)
+    padded = np.full((len(tokens), n), PAD, np.int64)
+    for i, t in enumerate(tokens):
+        padded[i, :len(t)] = t[:n]
+    np.add.at(counts, tuple(padded[:, i] for i in range(n)), 1)
+    return counts
+
+
+def _exact_truncated(joint, stop, limit):
+    """The exact distribution of answers that end at the first ``stop`` token or after ``limit`` tokens, from the
+    joint of the first n tokens (the probabilities of the continuations after the end summed out)."""
+    n = joint.ndim
+    out = np.zeros((VOCAB + 1,) * n)
+    for seq in np.ndindex(*joint.shape):
+        cut = limit
+        for i, t in enumerate(seq[:limit]):
+            if t == stop:
+                cut = i + 1
+                break
+        out[tuple(seq[:cut]) + (PAD,) * (n - cut)] += joint[seq]
+    return out
+
+
+@pytest.mark.lossless
+@pytest.mark.parametrize("proposer,strategy,rule", [("eagle", "3_2_6", "sampled"), ("ngram", "chain-3", "target_only")])
+def test_stop_tokens_and_row_limits_under_sampling(proposer, strategy, rule):
+    """T = 0.7 with top-k 5: answers end at a stop token or at their own length limit (half the rows 2 tokens,
+    half 4) exactly as the target's distribution says, with the sampled rule and with the n-gram proposer."""
+    model, good, _ = _setup()
+    params = SamplingParams(temperature=0.7, top_k=5)
+    first = exact_joint(model, params, 1)
+    stop = int(np.argsort(first)[-2])  # the second most likely first token: many answers stop early
+    spec = RolloutSpec(max_new_tokens=TOKENS, sampling=params, chunk_steps=4, stop_tokens=(stop,))
+    limits = [2, TOKENS] * (N // 2)
+    out = generate(model, [PROMPT] * N, spec, max_new=limits, drafter=good if proposer == "eagle" else None,
+                   speculation=SpeculativeSpec(SpecStrategy.parse(strategy), proposer=proposer, rule=rule))
+    joint = exact_joint(model, params, TOKENS)
+    for limit in (2, TOKENS):
+        rows = [t for t, lim in zip(out.tokens, limits) if lim == limit]
+        p = chi_square_p(_cells(rows, TOKENS), _exact_truncated(joint, stop, limit))
+        assert p > 1e-3, (proposer, limit, p)
+    reasons = set(out.finish_reasons)
+    assert reasons == {"stop", "length"}, reasons
+
+
+@pytest.mark.lossless
+@pytest.mark.parametrize("proposer,strategy,rule,sampling", [
+    ("group", "chain-3", "target_only", "T1"), ("hybrid", "3_2_6", "sampled", "T0.7_p0.9")])
+def test_group_and_hybrid_follow_target_distribution(proposer, strategy, rule, sampling):
+    """The group proposer drafts from the siblings (every row has the same prompt) and from the answers of an
+    earlier rollout of the prompt (a store filled by a first rollout); the hybrid mixes those drafts (target-only)
+    with the drafter's sampled ones. Both reproduce the target distribution, and the stored answers are drafted."""
+    model, good, _ = _setup()
+    params = SAMPLINGS[sampling]
+    spec = RolloutSpec(max_new_tokens=TOKENS, sampling=params, chunk_steps=4)
+    speculation = SpeculativeSpec(SpecStrategy.parse(strategy), proposer=proposer, rule=rule, hybrid_min=2)
+    store = GroupStore(per_prompt=4)
+    drafter = good if proposer == "hybrid" else None
+    generate(model, [PROMPT] * N, spec, speculation=speculation, drafter=drafter, seed=1, store=store,
+             group_sources=8)
+    out = generate(model, [PROMPT] * N, spec, speculation=speculation, drafter=drafter, seed=2, store=store,
+                   group_sources=8)
+    toks = np.asarray(out.tokens)
+    counts = np.zeros((VOCAB,) * TOKENS, np.int64)
+    np.add.at(counts, tuple(toks[:, i] for i in range(TOKENS)), 1)
+    p = chi_square_p(counts, exact_joint(model, params, TOKENS))
+    assert p > 1e-3, (proposer, p, out.accept_len)
+    assert out.accept_len > 1.1, out.accept_len

@@ -13,7 +13,7 @@ from tlt_jax.core.errors import ConfigError, InputError
 from tlt_jax.models import Decoder
 from tlt_jax.models.drafter import Drafter
 from tlt_jax.rollout import RolloutSpec, generate
-from tlt_jax.rollout.ngram import propose_ngram
+from tlt_jax.rollout.suffix import propose_ngram
 from tlt_jax.rollout.speculative import SpeculativeSpec, grow_tree
 from tlt_jax.rollout.tree import SpecStrategy, ancestor_mask
 
@@ -123,12 +123,13 @@ def _prompts(vocab, sizes, seed=0):
 
 @pytest.mark.lossless
 def test_greedy_speculative_equals_plain_float64():
-    """Float64: greedy speculation (a chain and a tree, warmed and bad drafter, n-gram, and the engine's plain arm)
-    == plain greedy decoding, including rows that stop on a stop token or their own length limit inside an
-    accepted run."""
+    """Float64: greedy speculation (a chain and a tree, warmed and bad drafter, n-gram, group and hybrid proposers,
+    and the engine's plain arm) == plain greedy decoding, including rows that stop on a stop token or their own
+    length limit inside an accepted run. Rows 1 and 4 share a prompt (a group: each drafts from the other)."""
     with jax.enable_x64(True):
         model = _tiny("float64", seed=1)
         prompts = _prompts(model.cfg.vocab_size, (3, 7, 12, 5))
+        prompts.append(prompts[1])
         warm, metrics = train_drafter(model, _prompts(model.cfg.vocab_size, [6] * 16, seed=5) + prompts,
                                       steps=120, new_tokens=40)
         bad = Drafter(model.cfg, nnx.Rngs(7))
@@ -136,18 +137,19 @@ def test_greedy_speculative_equals_plain_float64():
         plain = generate(model, prompts, base)
         # stop tokens taken from the middle of the plain answers, and per-row limits
         stops = tuple({int(plain.tokens[0][9]), int(plain.tokens[2][17])})
-        limits = [40, 13, 29, 6]
+        limits = [40, 13, 29, 6, 40]
         specs = [(base, None), (RolloutSpec(max_new_tokens=40, chunk_steps=4, stop_tokens=stops), limits)]
         accept = {}
         for spec, lim in specs:
             ref = generate(model, prompts, spec, max_new=lim)
             runs = [("warm", warm, "eagle", "target_only"), ("bad", bad, "eagle", "target_only"),
                     ("ngram", None, "ngram", "target_only"), ("plain", None, "none", "target_only"),
-                    ("warm-sampled", warm, "eagle", "sampled")]  # greedy: the sampled rule is the target-only walk
+                    ("warm-sampled", warm, "eagle", "sampled"),  # greedy: the sampled rule is the target-only walk
+                    ("group", None, "group", "target_only"), ("hybrid", warm, "hybrid", "sampled")]
             for name, drafter, prop, rule in runs:
                 # a chain and a tree for each drafter (each strategy is its own compiled program: the bulk of the time)
                 strategies = {"warm": ["chain-4", "4_3_10"], "bad": ["chain-4", "4_3_10"],
-                              "warm-sampled": ["4_3_10"]}.get(name, ["chain-4"])
+                              "warm-sampled": ["4_3_10"], "hybrid": ["4_3_10"]}.get(name, ["chain-4"])
                 for strat in strategies:
                     speculation = SpeculativeSpec(SpecStrategy.parse(strat), proposer=prop, rule=rule)
                     out = generate(model, prompts, spec, speculation=speculation, drafter=drafter, max_new=lim)

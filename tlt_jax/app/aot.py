@@ -101,8 +101,7 @@ def compile_speculative_chunk(config, devices: Sequence[jax.Device], bucket: int
     drafter_params = _with_sharding(drafter_params, jax.tree.map(lambda _: replica.replicated, drafter_params))
     # the config's rollout, with an answer budget and a stop token for the compiled shapes
     spec = dataclasses.replace(specs.rollout_spec(config, stop_tokens=(0,)), max_new_tokens=cache_len // 2)
-    speculation = SpeculativeSpec.from_arm(strategy, int(config.speculative.ngram_max),
-                                           int(config.speculative.ngram_min))
+    speculation = specs.speculative_spec(config).with_arm(strategy)
     toks = jax.ShapeDtypeStruct((bucket, 8), jnp.int32)
     state = jax.eval_shape(lambda p, d, t, v, m, k: start_speculative(
         p, d, t, v, m, k, graphdef=graphdef, drafter_graphdef=drafter_graphdef, spec=spec,

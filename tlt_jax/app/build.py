@@ -6,6 +6,8 @@ layers below, which never see a ConfigDict.
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 from typing import Optional, Tuple
 
@@ -83,7 +85,7 @@ def warmed_drafter(config, model: Decoder) -> Drafter:
 def speculation_from_config(config, model: Decoder) -> Tuple[SpeculativeSpec, Optional[Drafter]]:
     """(SpeculativeSpec, drafter or None) from the ``speculative`` and ``drafter`` config sections."""
     speculation = specs.speculative_spec(config)
-    if speculation.proposer != "eagle":
+    if not speculation.learned:
         return speculation, None
     return speculation, warmed_drafter(config, model)
 
@@ -94,16 +96,18 @@ def ngram_fallback(config) -> SpeculativeSpec:
     strategy = speculation.strategy
     if not strategy.is_chain:
         strategy = SpecStrategy(depth=strategy.depth)
-    return SpeculativeSpec(strategy, proposer="ngram", ngram_max=speculation.ngram_max,
-                           ngram_min=speculation.ngram_min)
+    return dataclasses.replace(speculation, strategy=strategy, proposer="ngram", rule="target_only")
 
 
 def fixed_rollout(config, graphdef, model_cfg: ModelConfig, spec: RolloutSpec, *,
                   speculation: Optional[SpeculativeSpec] = None, drafter: Optional[Drafter] = None,
                   mesh: Optional[Mesh] = None):
-    """``rollout.host.fixed_rollout`` with the config's cache length (``rollout.cache_len``)."""
+    """``rollout.host.fixed_rollout`` with the config's cache length (``rollout.cache_len``) and, for speculation,
+    its group proposer's sources and store (``speculative.group_sources`` / ``group_store``)."""
     return host.fixed_rollout(graphdef, model_cfg, spec, speculation=speculation, drafter=drafter,
-                              cache_len=specs.cache_len(config), mesh=mesh)
+                              cache_len=specs.cache_len(config), mesh=mesh,
+                              group_sources=int(config.speculative.group_sources),
+                              store=specs.group_store(config) if speculation is not None else None)
 
 
 def one_device_mesh() -> Mesh:

@@ -67,10 +67,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.speculative = ml_collections.ConfigDict(dict(
         enable=False,  # the A/B switch: False decodes plainly
         strategy="chain-4",  # 'chain-D' or 'D_K_V' (depth, top-k, verified tokens), e.g. '6_4_16'
-        proposer="eagle",  # 'eagle' (the learned drafter) or 'ngram' (model-free, chains only)
+        # 'eagle' (the learned drafter), 'ngram' (model-free, the row's own text), 'group' (model-free, the row's,
+        # its siblings' and its prompt's earlier answers) or 'hybrid' (group when its match is long, else eagle)
+        proposer="eagle",
         rule="target_only",  # 'target_only' (deterministic drafts) or 'sampled' (drafts from the drafter's q)
-        ngram_max=3,
-        ngram_min=1,
+        ngram_max=3,  # the n-gram proposer's longest match
+        ngram_min=1,  # the shortest match that drafts (n-gram and group proposers)
+        suffix_max=8,  # the group proposer's longest match
+        hybrid_min=4,  # the hybrid drafts from the texts when its match is at least this long
+        group_sources=16,  # texts a row searches (own, siblings, stored answers)
+        group_store=4,  # earlier answers kept per prompt for the group proposer (0: none)
     ))
     c.drafter = ml_collections.ConfigDict(dict(
         checkpoint="",  # '' = <cache dir>/drafters/<config name>

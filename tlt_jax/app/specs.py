@@ -32,7 +32,8 @@ from tlt_jax.rl.grpo import ADVANTAGES, AGGREGATIONS, GRPOConfig
 from tlt_jax.rollout.acceptance import RULES
 from tlt_jax.rollout.decode import RolloutSpec
 from tlt_jax.rollout.sampling import SamplingParams
-from tlt_jax.rollout.speculative import SpeculativeSpec
+from tlt_jax.rollout.speculative import MODEL_FREE, PROPOSERS, SpeculativeSpec
+from tlt_jax.rollout.suffix import GroupStore
 from tlt_jax.rollout.tree import SpecStrategy
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
@@ -131,22 +132,33 @@ def fixed_cache_len(config) -> int:
 
 
 def speculative_spec(config) -> SpeculativeSpec:
+    """``speculative.*`` as a SpeculativeSpec; a bad value names its key."""
     sp = config.speculative
-    strategy = SpecStrategy.parse(sp.strategy)
-    if sp.proposer not in ("eagle", "ngram"):
-        raise ConfigError(f"speculative.proposer must be 'eagle' or 'ngram', got {sp.proposer!r}")
-    if sp.proposer == "ngram" and not strategy.is_chain:
-        raise ConfigError(f"speculative.proposer 'ngram' drafts chains only; got strategy {sp.strategy!r}")
-    if not 1 <= int(sp.ngram_min) <= int(sp.ngram_max):
-        raise ConfigError(f"need 1 <= speculative.ngram_min <= speculative.ngram_max, got "
-                          f"{sp.ngram_min}, {sp.ngram_max}")
+    try:
+        strategy = SpecStrategy.parse(sp.strategy)
+    except ConfigError as e:
+        raise ConfigError(f"speculative.strategy: {e}") from None
+    if sp.proposer not in PROPOSERS or sp.proposer == "none":
+        raise ConfigError(f"speculative.proposer must be one of {list(PROPOSERS[:-1])}, got {sp.proposer!r}")
     if sp.rule not in RULES:
         raise ConfigError(f"speculative.rule must be one of {list(RULES)}, got {sp.rule!r}")
-    if sp.rule != "target_only" and sp.proposer != "eagle":
+    if sp.rule != "target_only" and sp.proposer in MODEL_FREE:
         raise ConfigError(f"speculative.rule {sp.rule!r} needs the drafter's distribution; the {sp.proposer} "
                           f"proposer drafts deterministically (no distribution): use speculative.rule=target_only")
-    return SpeculativeSpec(strategy, proposer=sp.proposer, rule=sp.rule, ngram_max=int(sp.ngram_max),
-                           ngram_min=int(sp.ngram_min))
+    _at_least(sp, "speculative", ("group_sources",), 1)
+    _at_least(sp, "speculative", ("group_store",), 0, " (0: no answers kept across rollouts)")
+    try:
+        return SpeculativeSpec(strategy, proposer=sp.proposer, rule=sp.rule, ngram_max=int(sp.ngram_max),
+                               ngram_min=int(sp.ngram_min), suffix_max=int(sp.suffix_max),
+                               hybrid_min=int(sp.hybrid_min))
+    except ConfigError as e:
+        raise ConfigError(f"speculative.*: {e}") from None
+
+
+def group_store(config) -> Optional[GroupStore]:
+    """The store of earlier answers by prompt for the group proposer (``speculative.group_store`` per prompt)."""
+    n = int(config.speculative.group_store)
+    return GroupStore(n) if n > 0 else None
 
 
 def engine_config(config) -> EngineConfig:
@@ -156,21 +168,24 @@ def engine_config(config) -> EngineConfig:
     _at_least(t, "tlt", ("sd_threshold",), 0, " (0: never speculate)")
     if not 0 <= float(t.epsilon) <= 1:
         raise ConfigError(f"tlt.epsilon must be in [0, 1], got {t.epsilon}")
+    base = speculative_spec(config)
     for name, arms, learned in (("tlt.arms", t.arms, True), ("tlt.ngram_arms", t.ngram_arms, False)):
         for arm in arms:
             try:
-                proposer = SpeculativeSpec.from_arm(arm, int(sp.ngram_max), int(sp.ngram_min)).proposer
+                uses_drafter = base.with_arm(arm).learned
             except ConfigError as e:
                 raise ConfigError(f"{name}: arm {arm!r}: {e}") from None
-            if (proposer == "eagle") != learned:
-                raise ConfigError(f"{name}: {arm!r} is not a {'learned-drafter' if learned else 'n-gram'} strategy")
+            if uses_drafter != learned:
+                raise ConfigError(f"{name}: {arm!r} is not a {'learned-drafter' if learned else 'model-free'} "
+                                  f"strategy")
     if not t.plain_arm and (not t.arms or not t.ngram_arms):
         raise ConfigError("without the plain arm, tlt.arms and tlt.ngram_arms must both be non-empty")
     return EngineConfig(replicas=int(t.replicas), replica_tensor=int(t.replica_tensor),
                         sd_threshold=int(t.sd_threshold), arms=tuple(t.arms), ngram_arms=tuple(t.ngram_arms),
                         plain_arm=bool(t.plain_arm), epsilon=float(t.epsilon), window=int(t.window),
-                        compact=bool(t.compact), max_programs=int(t.max_programs), ngram_max=int(sp.ngram_max),
-                        ngram_min=int(sp.ngram_min), seed=int(config.seed))
+                        compact=bool(t.compact), max_programs=int(t.max_programs), speculation=base,
+                        group_sources=int(sp.group_sources), group_store=int(sp.group_store),
+                        seed=int(config.seed))
 
 
 # ------------------------------------------------------------------------------------------------ training

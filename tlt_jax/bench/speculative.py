@@ -4,6 +4,8 @@
         [--rules target_only,sampled]
         [--strategies chain-2,chain-4,chain-8,4_2_8,6_4_16,8_4_32,ngram:chain-4] [--new-tokens 128] [--drafter DIR]
         [--min-rows 4] [--verify-sizes auto]
+        [--groups 4,8] [--group-prompts 2] [--group-temperature 0.7]
+        [--group-strategies ngram:chain-4,group:chain-4,chain-4@sampled,hybrid:chain-4@sampled]
 
 Target: SmolLM2-135M-Instruct (embedded GGUF, float32) with the drafter saved by
 ``tlt-warmup --config configs/smollm2_135m.py`` (``--drafter`` or the default directory). Prompts: held-out
@@ -15,10 +17,17 @@ A batch smaller than ``--min-rows`` (default 4) runs that many rows as disjoint 
 
 Per row of the table: ``accept_len`` = tokens committed per target forward (verify step), ``tok_s`` = answer
 tokens per second of wall time (prefill included), ``plain_tok_s`` the plain rollout's, ``speedup`` their ratio.
-A strategy prefixed ``ngram:`` uses the model-free n-gram proposer instead of the drafter. Every learned-drafter
-strategy runs with each of ``--rules`` (``target_only``: deterministic drafts; ``sampled``: drafts drawn from the
-drafter's distribution, verified by speculative / recursive rejection sampling); ``verify_cost`` in a row is a
+A strategy is an arm name: prefixed ``ngram:`` or ``group:`` it uses a model-free proposer instead of the drafter,
+``hybrid:`` the hybrid. Every learned-drafter strategy without an ``@rule`` runs with each of ``--rules``
+(``target_only``: deterministic drafts; ``sampled``: drafts drawn from the drafter's distribution, verified by
+speculative / recursive rejection sampling); ``verify_cost`` in a row is a
 verify of its V tokens in decode steps.
+
+The group table (``--groups``; '' skips it): GRPO groups, ``--group-prompts`` prompts each answered G times in
+one batch at ``--group-temperature``, twice (``epoch`` 1 and 2, other seeds), as the same prompts come back in RL:
+in epoch 2 the group proposer also drafts from epoch 1's answers (``speculative.group_store``, 4 per prompt).
+Every strategy (an arm name: ``ngram:``, ``group:``, ``hybrid:`` prefixes, ``@sampled``) against plain decoding
+of the same batch and seed; each strategy's programs are compiled by an untimed run with a store of its own.
 
 Last, one verify forward of V tokens is timed against one decode step at batch 1 (``verify_cost`` in the
 JSON; ``--verify-sizes auto``: V = 1 and each strategy's verified tokens, ``verify_tokens`` in its rows): at
@@ -29,6 +38,7 @@ accept_len x decode_ms / verify_ms (roughly: a verify timed alone is noisier tha
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import os
 import time
@@ -37,7 +47,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tlt_jax.app import build
+from tlt_jax.app import build, specs
 from tlt_jax.app.config import load_config
 from tlt_jax.bench.common import machine_info, print_table, write_json
 from tlt_jax.core.errors import CheckpointError
@@ -51,8 +61,7 @@ from tlt_jax.rollout.acceptance import RULES
 from tlt_jax.rollout.decode import RolloutSpec
 from tlt_jax.rollout.host import generate
 from tlt_jax.rollout.sampling import SamplingParams
-from tlt_jax.rollout.speculative import SpeculativeSpec
-from tlt_jax.rollout.tree import SpecStrategy
+from tlt_jax.rollout.suffix import GroupStore
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -70,6 +79,10 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--min-rows", type=int, default=4,
                     help="a batch smaller than this runs several disjoint prompt groups, timed together")
+    ap.add_argument("--groups", default="4,8", help="group sizes G of the group table ('' skips it)")
+    ap.add_argument("--group-prompts", type=int, default=2, help="prompts per batch of the group table")
+    ap.add_argument("--group-temperature", type=float, default=0.7)
+    ap.add_argument("--group-strategies", default="ngram:chain-4,group:chain-4,chain-4@sampled,hybrid:chain-4@sampled")
     ap.add_argument("--verify-sizes", default="auto",
                     help="also time one verify forward of V tokens against one decode step (batch 1): a list, "
                          "'auto' (1 and every strategy's V) or '' (skip)")
@@ -83,13 +96,16 @@ def main(argv=None) -> int:
     unknown = [r for r in rules if r not in RULES]
     if unknown or not rules:
         ap.error(f"--rules: choose from {list(RULES)}, got {args.rules!r}")
+    base = specs.speculative_spec(config)
     strategies = []
     for s in args.strategies.split(","):
-        proposer, _, name = s.rpartition(":")
-        for rule in (rules if (proposer or "eagle") == "eagle" else ["target_only"]):
-            strategies.append((s, SpeculativeSpec(SpecStrategy.parse(name), proposer=proposer or "eagle", rule=rule)))
+        sp = base.with_arm(s)
+        for rule in (rules if sp.learned and "@" not in s else [sp.rule]):
+            strategies.append((s, dataclasses.replace(sp, rule=rule)))
+    group_sizes = [int(g) for g in args.groups.split(",") if g]
+    group_strategies = [(a, base.with_arm(a)) for a in args.group_strategies.split(",") if a] if group_sizes else []
     drafter, meta = None, {}
-    if any(sp.proposer == "eagle" for _, sp in strategies):
+    if any(sp.learned for _, sp in strategies + group_strategies):
         ddir = args.drafter or build.default_drafter_dir(config)
         try:
             drafter, meta = load_drafter(ddir, model)
@@ -100,7 +116,7 @@ def main(argv=None) -> int:
               flush=True)
     w = config.drafter.warmup
     batches = [int(b) for b in args.batches.split(",")]
-    all_prompts = build_prompts(tokenizer, max(max(batches), args.min_rows),
+    all_prompts = build_prompts(tokenizer, max(max(batches), args.min_rows, args.group_prompts),
                                 stream_seed(int(w.data_seed), "bench_prompts"), config.job.system_prompt or None)
 
     rows = []
@@ -145,8 +161,12 @@ def main(argv=None) -> int:
                 print(f"  {label:>14} {speculation.rule:>11}: accept {row['accept_len']:.2f}  "
                       f"{row['tok_s']:.1f} tok/s  "
                       f"x{row['speedup']:.2f}" + ("" if same is None else f"  same={same}"), flush=True)
+    group_rows = group_table(model, drafter, all_prompts[:args.group_prompts], group_sizes, group_strategies,
+                             RolloutSpec(max_new_tokens=args.new_tokens, stop_tokens=stops, chunk_steps=16,
+                                         sampling=SamplingParams(temperature=args.group_temperature)),
+                             args.seed, int(config.speculative.group_sources))
     if args.verify_sizes == "auto":
-        sizes = sorted({1} | {sp.strategy.num_verify for _, sp in strategies})
+        sizes = sorted({1} | {sp.strategy.num_verify for _, sp in strategies + group_strategies})
     else:
         sizes = [int(v) for v in args.verify_sizes.split(",") if v]
     cost = verify_cost(model, sizes) if sizes else []
@@ -156,12 +176,50 @@ def main(argv=None) -> int:
     print()
     print_table(rows, ["strategy", "rule", "batch", "temperature", "accept_len", "tok_s", "plain_tok_s", "speedup",
                        "verify_cost"])
+    if group_rows:
+        print()
+        print_table(group_rows, ["strategy", "group", "epoch", "batch", "temperature", "accept_len", "tok_s",
+                                 "plain_tok_s", "speedup"])
     if cost:
         print()
         print_table(cost, ["verify_tokens", "verify_ms", "decode_ms", "ratio"])
-    write_json(args.json, {"rows": rows, "verify_cost": cost, "machine": machine_info(),
+    write_json(args.json, {"rows": rows, "group_rows": group_rows, "verify_cost": cost, "machine": machine_info(),
                            "new_tokens": args.new_tokens, "drafter": meta.get("extra", {})})
     return 0
+
+
+def group_table(model, drafter, prompts, group_sizes, strategies, spec: RolloutSpec, seed: int, sources: int):
+    """Rows of the group table (module docstring): for each G, plain decoding and every strategy on the batch of
+    ``prompts`` each repeated G times, epochs 1 and 2 (seeds ``seed + 1`` and ``seed + 2``)."""
+    rows = []
+    for g in group_sizes:
+        batch = [p for p in prompts for _ in range(g)]
+        plain = {}
+        for epoch in (1, 2):
+            generate(model, batch, spec, seed=seed + epoch)  # compiles (the first time)
+            t0 = time.perf_counter()
+            out = generate(model, batch, spec, seed=seed + epoch)
+            plain[epoch] = int(out.lengths.sum()) / (time.perf_counter() - t0)
+        print(f"group G={g} (batch {len(batch)}, T={spec.sampling.temperature:g}): plain "
+              f"{plain[1]:.1f} / {plain[2]:.1f} tok/s", flush=True)
+        for label, speculation in strategies:
+            def run(epoch, store):
+                return generate(model, batch, spec, speculation=speculation, seed=seed + epoch, store=store,
+                                drafter=drafter if speculation.learned else None, group_sources=sources)
+            run(1, GroupStore(4))  # compiles, with a store of its own
+            store = GroupStore(4)
+            for epoch in (1, 2):
+                t0 = time.perf_counter()
+                out = run(epoch, store)
+                tok_s = int(out.lengths.sum()) / (time.perf_counter() - t0)
+                row = {"strategy": label, "group": g, "epoch": epoch, "batch": len(batch),
+                       "temperature": spec.sampling.temperature, "accept_len": round(out.accept_len, 3),
+                       "tok_s": round(tok_s, 2), "plain_tok_s": round(plain[epoch], 2),
+                       "speedup": round(tok_s / plain[epoch], 3)}
+                rows.append(row)
+                print(f"  {label:>22} epoch {epoch}: accept {row['accept_len']:.2f}  {tok_s:.1f} tok/s  "
+                      f"x{row['speedup']:.2f}", flush=True)
+    return rows
 
 
 def verify_cost(model, sizes, prefix: int = 96, steps: int = 8, repeats: int = 5):

@@ -45,6 +45,7 @@ from tlt_jax.parallel.sharding import to_mesh
 from tlt_jax.rollout.decode import RolloutSpec, pad_prompts
 from tlt_jax.rollout.host import DrafterInput, RolloutOutput, harvest, output_from_rows
 from tlt_jax.rollout.speculative import SpecState, SpeculativeSpec, speculative_chunk, start_speculative
+from tlt_jax.rollout.suffix import GroupStore, group_inputs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,12 +62,14 @@ class EngineConfig:
     window: int = 8
     compact: bool = True
     max_programs: int = 64
-    ngram_max: int = 3
-    ngram_min: int = 1
+    speculation: SpeculativeSpec = SpeculativeSpec()  # the arms' matching settings (ngram_max, suffix_max, ...)
+    group_sources: int = 16  # texts a row drafts from with the group proposer (own, siblings, stored answers)
+    group_store: int = 0  # answers kept per prompt for the group proposer across rollouts (0: none)
     seed: int = 0
 
 
 OUT_FIELDS = ("tokens", "logprobs", "num_tokens", "finish", "accepted", "verifies")  # harvested per row
+SHARED_LEAVES = ("rng", "history", "history_len")  # state leaves not per row: kept whole when rows are compacted
 
 
 @jax.jit
@@ -74,7 +77,7 @@ def _take_rows(state: SpecState, idx: jax.Array) -> SpecState:
     """The rows ``idx`` of every per-row leaf (compaction)."""
 
     def take(path, x):
-        if path_name(path) == "rng":  # the one leaf that is not per row
+        if path_name(path) in SHARED_LEAVES:
             return x
         return jnp.take(x, idx, axis=0)
     return jax.tree_util.tree_map_with_path(take, state)
@@ -110,6 +113,7 @@ class AdaptiveEngine:
         self.rows_per_replica = batch_size // config.replicas
         self.top_bucket = next_pow2(self.rows_per_replica)
         self.buckets = [self.top_bucket >> i for i in range(self.top_bucket.bit_length())]
+        self.store = GroupStore(config.group_store) if config.group_store else None
         self.pool = pool if pool is not None else ProgramPool(config.max_programs)
         self.start_pool = ProgramPool(8)  # prefill programs, one per prompt width (kept apart from the chunks)
         self._gather = gather
@@ -128,12 +132,19 @@ class AdaptiveEngine:
     # ------------------------------------------------------------------------------------------ programs
 
     def _abstract_state(self, bucket: int, replica: Replica, params, drafter_params) -> SpecState:
-        toks = jax.ShapeDtypeStruct((bucket, 8), jnp.int32)
+        """The state of a replica compacted to ``bucket`` rows (its text table stays at the top bucket's)."""
+        top = self.top_bucket
+        i32 = jnp.int32
+        bank = (jax.ShapeDtypeStruct((top, self.cache_len + 1), i32), jax.ShapeDtypeStruct((top,), i32)) \
+            if self.store is not None else (None, None)
         st = jax.eval_shape(functools.partial(start_speculative, graphdef=self.graphdef,
                                               drafter_graphdef=self.drafter_graphdef, spec=self.spec,
                                               speculation=SpeculativeSpec(proposer="none"), cache_len=self.cache_len),
-                            params, drafter_params, toks, jax.ShapeDtypeStruct((bucket, 8), bool),
-                            jax.ShapeDtypeStruct((bucket,), jnp.int32), jax.random.PRNGKey(0))
+                            params, drafter_params, jax.ShapeDtypeStruct((top, 8), i32),
+                            jax.ShapeDtypeStruct((top, 8), bool), jax.ShapeDtypeStruct((top,), i32),
+                            jax.random.PRNGKey(0), jax.ShapeDtypeStruct((top, self.config.group_sources), i32), *bank)
+        if bucket < top:
+            st = jax.eval_shape(_take_rows, st, jax.ShapeDtypeStruct((bucket,), i32))
         shard = replica.state_shardings(st)
         return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), st, shard)
 
@@ -154,7 +165,7 @@ class AdaptiveEngine:
     def program(self, replica: Replica, bucket: int, arm: str, params, drafter_params):
         """The compiled chunk for (bucket, arm) on the replica's devices (from the pool)."""
         def build():
-            speculation = SpeculativeSpec.from_arm(arm, self.config.ngram_max, self.config.ngram_min)
+            speculation = self.config.speculation.with_arm(arm)
             st = self._abstract_state(bucket, replica, params, drafter_params)
             return speculative_chunk.lower(params, drafter_params, st, graphdef=self.graphdef,
                                            drafter_graphdef=self.drafter_graphdef, spec=self.spec,
@@ -256,16 +267,18 @@ class AdaptiveEngine:
             sel = [prompts[i] for i in rows] + [prompts[rows[0]]] * pad
             toks, valid = pad_prompts(sel, side="left", multiple=self.prompt_multiple)
             lim = np.concatenate([limits[rows], np.ones(pad, np.int32)])
-            args = [jax.device_put(x, r.rows(self.top_bucket)) for x in (toks, valid, lim)]
+            sources, bank, bank_len = group_inputs(sel, self.cache_len, self.config.group_sources, self.store)
+            args = [jax.device_put(x, r.rows(self.top_bucket)) if x is not None else None
+                    for x in (toks, valid, lim, sources, bank, bank_len)]
             key = jax.device_put(jax.random.fold_in(jax.random.PRNGKey(seed), r.index), r.replicated)
             start = self._pooled(
                 self.start_pool, r, (toks.shape, dp is None, spec, self.cache_len, self.graphdef,
-                                     self.drafter_graphdef),
-                lambda: start_speculative.lower(p, dp, *args, key, graphdef=self.graphdef,
+                                     self.drafter_graphdef, self.store is not None),
+                lambda: start_speculative.lower(p, dp, *args[:3], key, *args[3:], graphdef=self.graphdef,
                                                 drafter_graphdef=self.drafter_graphdef, spec=spec,
                                                 speculation=SpeculativeSpec(proposer="none"),
                                                 cache_len=self.cache_len).compile())
-            run.state = start(p, dp, *args, key)
+            run.state = start(p, dp, *args[:3], key, *args[3:])
             run.state = jax.device_put(run.state, r.state_shardings(run.state))
         counters = np.zeros((len(runs), 3), np.float64)  # live rows, tokens committed by the chunk, seconds
         for run in runs:
@@ -357,6 +370,8 @@ class AdaptiveEngine:
                 self._harvest(run, out)
         spot_metrics = spot.end() if spot is not None else {}
         out = self._merge_results(out)
+        if self.store is not None:
+            self.store.record(prompts, [out["tokens"][i, :out["num_tokens"][i]] for i in range(b)])
         idle = [(t_end - run.finished_at) * len(run.replica.devices) for run in runs if run.finished_at is not None]
         stats = {"phase": phase, "chunks": chunk, "rollout_s": t_end - t_start,
                  "idle_device_s": float(sum(idle)), "spot_steps": int(self._merge_sum(spot_steps).sum()),

@@ -132,10 +132,11 @@ def recursive_rejection(key: jax.Array, p: jax.Array, q: jax.Array, tree: DraftT
 
 
 def accept_sampled(key: jax.Array, logits: jax.Array, tree: DraftTree, sampling: SamplingParams,
-                   max_depth: int, **variant) -> Acceptance:
+                   max_depth: int, reuse_uniforms_after: Optional[int] = None, **variant) -> Acceptance:
     """The sampled rule (module docstring). ``tree.draft_logq`` [B, V, Vocab]: the drafter's sampling log-probs
     at every node (the distribution its children were drawn from); ``tree.rank``: each node's draw order among
-    its siblings."""
+    its siblings. ``reuse_uniforms_after`` and ``variant`` (``recursive_rejection``'s switches) make the
+    deliberately wrong rules of the statistical tests (e.g. depth 1's uniforms reused at every deeper level)."""
     if sampling.greedy or tree.draft_logq is None:
         return accept_target_only(key, logits, tree, sampling, max_depth)
     b = logits.shape[0]
@@ -146,7 +147,8 @@ def accept_sampled(key: jax.Array, logits: jax.Array, tree: DraftTree, sampling:
     num = jnp.zeros((b,), jnp.int32)
     path, toks, lps = [cur], [], []
     for j in range(max_depth + 1):
-        k_node, k_draw = jax.random.split(jax.random.fold_in(key, j))
+        level = j if reuse_uniforms_after is None else min(j, reuse_uniforms_after)
+        k_node, k_draw = jax.random.split(jax.random.fold_in(key, level))
         node_logp = logp[rows, cur]
         p = jnp.exp(node_logp)
         if j < max_depth:

@@ -34,6 +34,7 @@ from tlt_jax.rollout import decode as plain_programs
 from tlt_jax.rollout import speculative as speculative_programs
 from tlt_jax.rollout.decode import FINISH_NAMES, PreparedBatch, RolloutSpec, prepare_batch
 from tlt_jax.rollout.speculative import SpeculativeSpec, accept_length, check_drafter
+from tlt_jax.rollout.suffix import GroupStore, group_inputs
 
 
 class DrafterInput(NamedTuple):
@@ -139,13 +140,14 @@ class _Programs:
         chunk_kw = {k: static[k] for k in self.chunk_static}
         if mesh is None:
             return (lambda *a: self.start_jit(*a, **start_kw)), (lambda *a: self.chunk_jit(*a, **chunk_kw))
-        key = (mesh, tuple((x.shape, x.dtype) for x in inputs), tuple(sorted(start_kw.items(), key=str)))
+        key = (mesh, tuple(None if x is None else (x.shape, x.dtype) for x in inputs),
+               tuple(sorted(start_kw.items(), key=str)))
         if key not in self._compiled:
             lead = tuple(models)
             abstract = jax.eval_shape(lambda *a: self.start_fn(*a, **start_kw), *lead, *inputs)
             state_sh = tree_shardings(abstract, mesh, STATE_RULES)
             param_sh = jax.tree.map(lambda x: x.sharding, lead)
-            in_sh = tuple(x.sharding for x in inputs)
+            in_sh = tuple(None if x is None else x.sharding for x in inputs)
             start = jax.jit(lambda *a: self.start_fn(*a, **start_kw), in_shardings=param_sh + in_sh,
                             out_shardings=state_sh)
             chunk = jax.jit(lambda *a: self.chunk_fn(*a, **chunk_kw), in_shardings=param_sh + (state_sh,),
@@ -161,14 +163,19 @@ SPECULATIVE_PROGRAMS = _Programs(speculative_programs.speculative_start, specula
                                  speculative_programs.START_STATIC, speculative_programs.CHUNK_STATIC)
 
 
-def _inputs(batch: PreparedBatch, seed: int, mesh: Optional[Mesh]):
-    """Prompt tokens, valid flags, per-row limits and the RNG key, split over the mesh's batch axes."""
-    host = (batch.tokens, batch.valid, batch.limits)
+def _inputs(batch: PreparedBatch, seed: int, mesh: Optional[Mesh], group: Tuple = ()):
+    """Prompt tokens, valid flags, per-row limits, the RNG key and the ``group`` arrays (sources, bank and bank
+    lengths; None where absent), split over the mesh's batch axes."""
     key = jax.random.PRNGKey(seed)
     if mesh is None:
-        return tuple(jax.numpy.asarray(x) for x in host) + (key,)
-    return tuple(to_global(x, batch_sharding(mesh, x.shape)) for x in host) + (
-        to_global(np.asarray(key), NamedSharding(mesh, P())),)
+        place = jax.numpy.asarray
+        key_in = key
+    else:
+        def place(x):
+            return to_global(x, batch_sharding(mesh, x.shape))
+        key_in = to_global(np.asarray(key), NamedSharding(mesh, P()))
+    host = tuple(place(x) for x in (batch.tokens, batch.valid, batch.limits))
+    return host + (key_in,) + tuple(None if x is None else place(x) for x in group)
 
 
 class _FixedRollout:
@@ -206,16 +213,23 @@ class PlainRollout(_FixedRollout):
 
 class SpeculativeRollout(_FixedRollout):
     """Speculation with one strategy for the whole batch, all the way (``SpeculativeSpec``): the learned drafter
-    (``drafter_graphdef`` and ``DrafterInput.params`` at each call) or the model-free n-gram proposer."""
+    (``drafter_graphdef`` and ``DrafterInput.params`` at each call), the model-free n-gram or group proposer, or
+    the hybrid.
+
+    ``group_sources``: the texts a row drafts from (``suffix.group_inputs``); ``store``: a ``GroupStore`` of
+    earlier answers by prompt, which every call reads and then records its answers in.
+    """
 
     def __init__(self, graphdef, spec: RolloutSpec, speculation: SpeculativeSpec, *, model_cfg,
                  drafter_graphdef=None, drafter_cfg=None, cache_len: Optional[int] = None,
-                 mesh: Optional[Mesh] = None, pad_side: str = "left"):
+                 mesh: Optional[Mesh] = None, pad_side: str = "left", group_sources: int = 16,
+                 store: Optional[GroupStore] = None):
         super().__init__(graphdef, spec, context_len=model_cfg.max_position_embeddings, cache_len=cache_len,
                          mesh=mesh, pad_side=pad_side)
         check_drafter(model_cfg, drafter_cfg, speculation)
         self.speculation = speculation
-        self.drafter_graphdef = drafter_graphdef if speculation.proposer == "eagle" else None
+        self.drafter_graphdef = drafter_graphdef if speculation.learned else None
+        self.group_sources, self.store = int(group_sources), store
 
     def generate(self, params, prompts, *, seed: int = 0, drafter: Optional[DrafterInput] = None,
                  max_new=None, on_chunk=None) -> RolloutOutput:
@@ -232,38 +246,43 @@ class SpeculativeRollout(_FixedRollout):
         if self.drafter_graphdef is not None:
             drafter_params = drafter.params if self.mesh is None else to_mesh(
                 drafter.params, NamedSharding(self.mesh, P()))
-        inputs = _inputs(batch, seed, self.mesh)
+        group = group_inputs(prompts, batch.cache_len, self.group_sources, self.store)
+        inputs = _inputs(batch, seed, self.mesh, group)
         start, chunk = SPECULATIVE_PROGRAMS.on(self.mesh, (params, drafter_params), inputs, dict(
             graphdef=self.graphdef, drafter_graphdef=self.drafter_graphdef, spec=self.spec, speculation=sp,
             cache_len=batch.cache_len))
-        return run_until_done(lambda: start(params, drafter_params, *inputs),
-                              lambda st: chunk(params, drafter_params, st), on_chunk)
+        out = run_until_done(lambda: start(params, drafter_params, *inputs),
+                             lambda st: chunk(params, drafter_params, st), on_chunk)
+        if self.store is not None:
+            self.store.record(prompts, out.tokens)
+        return out
 
 
 def fixed_rollout(graphdef, model_cfg, spec: RolloutSpec, *, speculation: Optional[SpeculativeSpec] = None,
                   drafter=None, cache_len: Optional[int] = None, mesh: Optional[Mesh] = None,
-                  pad_side: str = "left") -> Rollout:
+                  pad_side: str = "left", group_sources: int = 16, store: Optional[GroupStore] = None) -> Rollout:
     """A :class:`PlainRollout` (``speculation`` None) or a :class:`SpeculativeRollout` (``drafter``: the drafter
     module, for the learned proposer) of the model ``graphdef`` of config ``model_cfg``."""
     if speculation is None:
         return PlainRollout(graphdef, spec, context_len=model_cfg.max_position_embeddings, cache_len=cache_len,
                             mesh=mesh, pad_side=pad_side)
-    use = speculation.proposer == "eagle" and drafter is not None
+    use = speculation.learned and drafter is not None
     return SpeculativeRollout(graphdef, spec, speculation, model_cfg=model_cfg,
                               drafter_graphdef=nnx.split(drafter)[0] if use else None,
                               drafter_cfg=drafter.cfg if drafter is not None else None, cache_len=cache_len,
-                              mesh=mesh, pad_side=pad_side)
+                              mesh=mesh, pad_side=pad_side, group_sources=group_sources, store=store)
 
 
 def generate(model, prompts: Sequence[Sequence[int]], spec: RolloutSpec, *, seed: int = 0,
              speculation: Optional[SpeculativeSpec] = None, drafter=None, cache_len: Optional[int] = None,
              max_new: Optional[Sequence[int]] = None, pad_side: str = "left", mesh: Optional[Mesh] = None,
-             on_chunk=None) -> RolloutOutput:
+             on_chunk=None, group_sources: int = 16, store: Optional[GroupStore] = None) -> RolloutOutput:
     """A rollout of a Decoder module in one call (notebooks, tests): :func:`fixed_rollout`'s, with the
     ``drafter`` module's parameters when the learned proposer drafts."""
     graphdef, params = nnx.split(model)
     rollout = fixed_rollout(graphdef, model.cfg, spec, speculation=speculation, drafter=drafter,
-                            cache_len=cache_len, mesh=mesh, pad_side=pad_side)
-    use = speculation is not None and speculation.proposer == "eagle" and drafter is not None
+                            cache_len=cache_len, mesh=mesh, pad_side=pad_side, group_sources=group_sources,
+                            store=store)
+    use = speculation is not None and speculation.learned and drafter is not None
     return rollout.generate(params, prompts, seed=seed, max_new=max_new, on_chunk=on_chunk,
                             drafter=DrafterInput(nnx.split(drafter)[1]) if use else None)

@@ -4,10 +4,14 @@ One step, per row (all static shapes, finished rows frozen by their ``done`` fla
 
 1. **Draft.** The EAGLE drafter grows a tree of depth D with top-k K (EAGLE-2: expand the K best nodes of
    each level by cumulative draft log-probability, then keep the V - 1 best of all candidates); K = 1 is a
-   chain. The n-gram proposer drafts a chain from the row's own history instead.
+   chain. The model-free proposers (``suffix.py``) draft a chain instead: the n-gram proposer from the row's
+   own text, the group proposer from its own, its siblings' and its prompt's earlier answers. The hybrid drafts
+   the group proposer's chain for the rows whose suffix match is at least ``hybrid_min`` tokens long, and the
+   learned drafter's tree for the others.
 2. **Verify.** The target scores the root and the V - 1 nodes in one forward (tree mask over cache + tree).
-3. **Accept.** Target-only acceptance (``acceptance.py``) commits the accepted drafts and a bonus token; a row
-   that meets a stop token, its length limit or a full cache inside the run stops exactly there.
+3. **Accept.** The acceptance rule (``acceptance.py``; target-only for deterministic drafts) commits the
+   accepted drafts and a bonus token; a row that meets a stop token, its length limit or a full cache inside
+   the run stops exactly there.
 4. **Commit.** The accepted path's keys/values are gathered into the next cache slots, and the drafter is
    extended over the committed tokens with the target's hidden states (its cache and last feature).
 
@@ -33,11 +37,13 @@ from tlt_jax.models.drafter import Drafter, init_drafter_cache
 from tlt_jax.models.kv_cache import KVCache, init_cache
 from tlt_jax.rollout.acceptance import ChildFn, get_rule
 from tlt_jax.rollout.decode import FINISH_RUNNING, RolloutSpec, finish_reason, is_stop_token
-from tlt_jax.rollout.ngram import propose_ngram
+from tlt_jax.rollout.suffix import propose_suffix
 from tlt_jax.rollout.sampling import SamplingParams, sample, sampling_logprobs
-from tlt_jax.rollout.tree import DraftTree, SpecStrategy, ancestor_mask, chain_tree
+from tlt_jax.rollout.tree import DraftTree, SpecStrategy, ancestor_mask, chain_tree, chain_in_tree
 
-PROPOSERS = ("eagle", "ngram", "none")
+PROPOSERS = ("eagle", "ngram", "group", "hybrid", "none")
+LEARNED = ("eagle", "hybrid")  # proposers that need the learned drafter
+MODEL_FREE = ("ngram", "group")  # deterministic chains from the text table, verified target-only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +55,14 @@ class SpeculativeSpec:
 
     ``rule`` (``speculative.rule``): ``target_only`` (deterministic drafts, the target alone decides) or
     ``sampled`` (drafts drawn from the drafter's distribution, speculative sampling / recursive rejection
-    sampling). The n-gram proposer drafts deterministically and has no distribution: it uses ``target_only``.
+    sampling). The n-gram and group proposers draft deterministically and have no distribution: they use
+    ``target_only``. The hybrid applies ``rule`` to the rows the learned drafter drafts and ``target_only`` to
+    the rows its suffix match drafts (the choice depends on the committed text only, so each row's step is
+    exact under the rule it uses).
+
+    ``ngram_max`` / ``ngram_min``: the n-gram proposer's longest and shortest match; ``suffix_max``: the group
+    proposer's longest match (``ngram_min`` its shortest); ``hybrid_min``: the suffix match length from which the
+    hybrid drafts from the texts.
     """
 
     strategy: SpecStrategy = SpecStrategy(depth=4)
@@ -57,6 +70,8 @@ class SpeculativeSpec:
     rule: str = "target_only"
     ngram_max: int = 3
     ngram_min: int = 1
+    suffix_max: int = 8
+    hybrid_min: int = 4
 
     def __post_init__(self):
         if self.proposer not in PROPOSERS:
@@ -64,13 +79,17 @@ class SpeculativeSpec:
         if self.proposer == "none":  # one canonical (hashable) plain spec
             object.__setattr__(self, "strategy", SpecStrategy(depth=1))
             object.__setattr__(self, "rule", "target_only")
-        if self.proposer == "ngram" and not self.strategy.is_chain:
-            raise ConfigError(f"the n-gram proposer drafts chains only (top_k 1); got strategy "
+        if self.proposer in MODEL_FREE and not self.strategy.is_chain:
+            raise ConfigError(f"the {self.proposer} proposer drafts chains only (top_k 1); got strategy "
                               f"{self.strategy.name}")
         if not 1 <= self.ngram_min <= self.ngram_max:
             raise ConfigError(f"need 1 <= ngram_min <= ngram_max, got {self.ngram_min}, {self.ngram_max}")
+        if not self.ngram_min <= self.suffix_max:
+            raise ConfigError(f"need ngram_min <= suffix_max, got {self.ngram_min}, {self.suffix_max}")
+        if not 1 <= self.hybrid_min <= self.suffix_max:
+            raise ConfigError(f"need 1 <= hybrid_min <= suffix_max, got {self.hybrid_min}, {self.suffix_max}")
         rule = get_rule(self.rule)
-        if rule.children is not None and self.proposer != "eagle":
+        if rule.children is not None and self.proposer in MODEL_FREE:
             raise ConfigError(f"the {self.rule!r} rule verifies drafts against the drafter's distribution, and the "
                               f"{self.proposer} proposer drafts deterministically (no distribution): use the "
                               f"'target_only' rule with it")
@@ -82,22 +101,32 @@ class SpeculativeSpec:
 
     @property
     def arm(self) -> str:
-        """Short name: 'plain', 'ngram:chain-3', the EAGLE strategy's name ('4_2_8'), with '@sampled' for the
-        sampled rule ('4_2_8@sampled')."""
+        """Short name: 'plain', 'ngram:chain-3', 'group:chain-4', the EAGLE strategy's name ('4_2_8'),
+        'hybrid:4_2_8', with '@sampled' for the sampled rule ('4_2_8@sampled')."""
         if self.proposer == "none":
             return "plain"
-        name = f"ngram:{self.strategy.name}" if self.proposer == "ngram" else self.strategy.name
+        name = self.strategy.name if self.proposer == "eagle" else f"{self.proposer}:{self.strategy.name}"
         return name if self.rule == "target_only" else f"{name}@{self.rule}"
 
-    @staticmethod
-    def from_arm(arm: str, ngram_max: int = 3, ngram_min: int = 1) -> "SpeculativeSpec":
-        """Inverse of :attr:`arm`."""
+    @property
+    def learned(self) -> bool:
+        """Whether the learned drafter drafts (EAGLE or the hybrid)."""
+        return self.proposer in LEARNED
+
+    def with_arm(self, arm: str) -> "SpeculativeSpec":
+        """This spec's matching settings with the strategy, proposer and rule of ``arm`` (inverse of
+        :attr:`arm`)."""
         if arm == "plain":
             return SpeculativeSpec(proposer="none")
         body, _, rule = str(arm).partition("@")
         proposer, _, name = body.rpartition(":")
-        return SpeculativeSpec(SpecStrategy.parse(name), proposer=proposer or "eagle", rule=rule or "target_only",
-                               ngram_max=ngram_max, ngram_min=ngram_min)
+        return dataclasses.replace(self, strategy=SpecStrategy.parse(name), proposer=proposer or "eagle",
+                                   rule=rule or "target_only")
+
+    @staticmethod
+    def from_arm(arm: str, **settings) -> "SpeculativeSpec":
+        """The spec of ``arm`` with default (or the given) matching settings (``ngram_max``, ...)."""
+        return SpeculativeSpec(**settings).with_arm(arm)
 
 
 @flax.struct.dataclass
@@ -105,7 +134,10 @@ class SpecState:
     cache: KVCache  # target cache: positions < lengths; the root (next_token) is at position lengths
     dcache: Optional[KVCache]  # drafter cache: pairs (f_t, x_{t+1}) at positions t < lengths (EAGLE only)
     draft_hidden: jax.Array  # [B, H] drafter output at its last position (estimate of the root's feature)
-    history: jax.Array  # [B, S + 1] tokens by position, the root included (n-gram lookup)
+    history: jax.Array  # [T, S + 1] the text table (suffix.py): row i = rollout row i's tokens, then the bank
+    history_len: jax.Array  # [T] valid length of each table row (a rollout row's: the root included)
+    row: jax.Array  # [B] each rollout row's table row (kept when rows are compacted)
+    sources: jax.Array  # [B, C] the table rows a rollout row drafts from (own row first, -1: none)
     next_token: jax.Array  # [B] the root: last committed token
     tokens: jax.Array  # [B, N]
     logprobs: jax.Array  # [B, N]
@@ -249,10 +281,14 @@ def _extend_drafter(drafter: Drafter, target: Decoder, dcache: KVCache, feats, t
 # ------------------------------------------------------------------------------------------------ programs
 
 
-def speculative_start(params, drafter_params, prompt_tokens, prompt_valid, max_new, rng, *, graphdef,
-                      drafter_graphdef, spec: RolloutSpec, speculation: SpeculativeSpec, cache_len: int
-                      ) -> SpecState:
-    """Prefill the target (and the drafter over the prompt's (feature, next token) pairs); first token."""
+def speculative_start(params, drafter_params, prompt_tokens, prompt_valid, max_new, rng, sources=None, bank=None,
+                      bank_len=None, *, graphdef, drafter_graphdef, spec: RolloutSpec, speculation: SpeculativeSpec,
+                      cache_len: int) -> SpecState:
+    """Prefill the target (and the drafter over the prompt's (feature, next token) pairs); first token.
+
+    ``sources`` [B, C], ``bank`` [M, cache_len + 1] and ``bank_len`` [M] (``suffix.group_inputs``) lay out the
+    text table; without them each row's only source is its own text.
+    """
     model: Decoder = nnx.merge(graphdef, params)
     b, p = prompt_tokens.shape
     cache = init_cache(model.cfg, b, cache_len)
@@ -267,6 +303,12 @@ def speculative_start(params, drafter_params, prompt_tokens, prompt_valid, max_n
     history = jnp.zeros((b, cache_len + 1), jnp.int32)
     history = history.at[rows[:, None], jnp.where(valid, rank, cache_len + 1)].set(prompt_tokens, mode="drop")
     history = history.at[rows, n].set(tok)
+    history_len = (n + 1).astype(jnp.int32)
+    if bank is not None:
+        history = jnp.concatenate([history, bank.astype(jnp.int32)], axis=0)
+        history_len = jnp.concatenate([history_len, bank_len.astype(jnp.int32)])
+    if sources is None:
+        sources = rows[:, None]
     if drafter_graphdef is not None:
         drafter: Drafter = nnx.merge(drafter_graphdef, drafter_params)
         # Pair at prompt index t: (f_t, next valid token), the sampled token after the last valid one.
@@ -291,7 +333,9 @@ def speculative_start(params, drafter_params, prompt_tokens, prompt_valid, max_n
     # types exactly, or every program would compile a second time for the state it returns
     reason = finish_reason(is_stop_token(tok, spec), num >= max_new, n >= cache_len)
     zeros = jnp.zeros((b,), jnp.int32)
-    return SpecState(cache=cache, dcache=dcache, draft_hidden=draft_hidden, history=history, next_token=tok,
+    return SpecState(cache=cache, dcache=dcache, draft_hidden=draft_hidden, history=history,
+                     history_len=history_len, row=rows.astype(jnp.int32), sources=sources.astype(jnp.int32),
+                     next_token=tok,
                      tokens=tokens, logprobs=logprobs, num_tokens=num, done=reason != FINISH_RUNNING,
                      finish=reason, max_new=max_new, accepted=zeros, verifies=zeros, rng=rng)
 
@@ -312,14 +356,23 @@ def speculative_step(model: Decoder, drafter: Optional[Drafter], head_w, st: Spe
     sampled = rule.children is not None and not spec.sampling.greedy
     if sampled:
         key, draft_key = jax.random.split(key)
-    if speculation.proposer == "eagle":
+    use_text = None  # hybrid: the rows drafted from the texts
+    if speculation.learned:
         tree = grow_tree(drafter, model, head_w, st.dcache, st.draft_hidden, st.next_token, strat,
                          *((rule.children, draft_key, spec.sampling) if sampled else ()))
     elif speculation.proposer == "none":
         tree = chain_tree(st.next_token, jnp.zeros((b, 0), jnp.int32))
-    else:
-        drafts = propose_ngram(st.history, n + 1, d_max, speculation.ngram_max, speculation.ngram_min)
-        tree = chain_tree(st.next_token, drafts)
+    if speculation.proposer in ("ngram", "group", "hybrid"):
+        own_only = speculation.proposer == "ngram"
+        drafts, match = propose_suffix(st.history, st.history_len, st.row,
+                                       st.sources[:, :1] if own_only else st.sources, d_max,
+                                       speculation.ngram_max if own_only else speculation.suffix_max,
+                                       speculation.ngram_min)
+        if speculation.proposer == "hybrid":
+            use_text = match >= speculation.hybrid_min
+            tree = chain_in_tree(tree, drafts, use_text)
+        else:
+            tree = chain_tree(st.next_token, drafts)
     # 2. verify
     if speculation.proposer == "none":
         # A plain step: the decode forward writes the root's key/value in place (no separate commit), which
@@ -331,7 +384,14 @@ def speculative_step(model: Decoder, drafter: Optional[Drafter], head_w, st: Spe
         positions = (n[:, None] + tree.depth).astype(jnp.int32)
         logits, hidden, new_kv = verify(model, tree.tokens, positions, mask, cache, attn_impl=spec.attn_impl)
     # 3. accept
-    acc = rule.accept(key, logits, tree, spec.sampling, d_max)
+    if use_text is None:
+        acc = rule.accept(key, logits, tree, spec.sampling, d_max)
+    else:
+        acc = rule.accept(key, logits, tree, spec.sampling, d_max)
+        if rule.children is not None:  # the texts' deterministic drafts are verified target-only
+            by_text = get_rule("target_only").accept(key, logits, tree, spec.sampling, d_max)
+            acc = jax.tree.map(lambda t, r: jnp.where(use_text.reshape((b,) + (1,) * (t.ndim - 1)), t, r),
+                               by_text, acc)
     w = d_max + 1
     j = jnp.arange(w, dtype=jnp.int32)[None, :]
     emitted = acc.num_accepted + 1
@@ -347,7 +407,8 @@ def speculative_step(model: Decoder, drafter: Optional[Drafter], head_w, st: Spe
     logprobs = st.logprobs.at[rows[:, None], cols].set(acc.logprobs.astype(st.logprobs.dtype), mode="drop")
     num = st.num_tokens + count
     hist_cols = jnp.where(j < count[:, None], n[:, None] + 1 + j, st.history.shape[1])
-    history = st.history.at[rows[:, None], hist_cols].set(acc.tokens, mode="drop")
+    history = st.history.at[st.row[:, None], hist_cols].set(acc.tokens, mode="drop")
+    history_len = st.history_len.at[st.row].add(count)
     last_tok = jnp.take_along_axis(acc.tokens, jnp.maximum(count - 1, 0)[:, None], axis=1)[:, 0]
     new_len = n + count
     reason = finish_reason(is_stop_token(last_tok, spec), num >= st.max_new, new_len >= s_max)
@@ -372,6 +433,7 @@ def speculative_step(model: Decoder, drafter: Optional[Drafter], head_w, st: Spe
         dcache, out = _extend_drafter(drafter, model, dcache, feats, acc.tokens, count, active & ~newly)
         draft_hidden = jnp.where((active & ~newly)[:, None], out.astype(draft_hidden.dtype), draft_hidden)
     return st.replace(cache=cache, dcache=dcache, draft_hidden=draft_hidden, history=history,
+                      history_len=history_len,
                       next_token=jnp.where(active, last_tok, st.next_token), tokens=tokens, logprobs=logprobs,
                       num_tokens=num, done=st.done | newly, finish=jnp.where(newly, reason, st.finish),
                       accepted=st.accepted + jnp.where(active, jnp.minimum(acc.num_accepted, count), 0),
@@ -383,7 +445,7 @@ def speculative_steps(params, drafter_params, state: SpecState, *, graphdef, dra
     """At most ``spec.chunk_steps`` draft/verify steps; returns early when every row is done."""
     model: Decoder = nnx.merge(graphdef, params)
     drafter = nnx.merge(drafter_graphdef, drafter_params) if drafter_graphdef is not None else None
-    head_w = drafter.head_weight(model) if speculation.proposer == "eagle" else None  # once per chunk
+    head_w = drafter.head_weight(model) if speculation.learned else None  # once per chunk
 
     def cond(carry):
         i, st = carry
@@ -411,10 +473,11 @@ def accept_length(lengths: np.ndarray, verifies: np.ndarray) -> float:
 
 def check_drafter(target: ModelConfig, drafter: Optional[ModelConfig], speculation: SpeculativeSpec) -> None:
     """The learned proposer needs a drafter built for this target."""
-    if speculation.proposer != "eagle":
+    if not speculation.learned:
         return
     if drafter is None:
-        raise InputError("the EAGLE proposer needs a drafter (train one with `tlt-warmup --config CONFIG`)")
+        raise InputError(f"the {speculation.proposer} proposer needs a drafter (train one with "
+                         f"`tlt-warmup --config CONFIG`)")
     keys = ("hidden_size", "vocab_size", "num_heads", "num_kv_heads", "head_dim", "intermediate_size")
     diff = [f"{k}: target {getattr(target, k)} vs drafter {getattr(drafter, k)}" for k in keys
             if getattr(target, k) != getattr(drafter, k)]

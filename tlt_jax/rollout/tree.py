@@ -102,3 +102,22 @@ def chain_tree(root: jax.Array, drafts: jax.Array) -> DraftTree:
     parents = jnp.broadcast_to(jnp.arange(-1, d, dtype=jnp.int32)[None], (b, d + 1))
     depth = jnp.broadcast_to(jnp.arange(d + 1, dtype=jnp.int32)[None], (b, d + 1))
     return DraftTree(tokens, parents, depth, rank=jnp.zeros((b, d + 1), jnp.int32))
+
+
+def chain_in_tree(tree: DraftTree, drafts: jax.Array, use: jax.Array) -> DraftTree:
+    """``tree`` with the rows ``use`` [B] replaced by the chain ``drafts`` [B, D] (D <= V - 1) in the same V
+    slots: nodes 1..D the chain, the other nodes copies of the first draft under the root (a repeated child is
+    never reached: the walk takes the first child that matches). Ranks and draft log-probs are kept: the rule
+    that reads them is not used for these rows."""
+    b, v = tree.tokens.shape
+    d = drafts.shape[1]
+    if d > v - 1:
+        raise ValueError(f"a chain of {d} drafts does not fit a tree of {v} nodes")
+    extra = v - 1 - d
+    tokens = jnp.concatenate([tree.tokens[:, :1], drafts, jnp.repeat(drafts[:, :1], extra, axis=1)], axis=1)
+    parents = jnp.concatenate([jnp.arange(-1, d, dtype=jnp.int32), jnp.zeros((extra,), jnp.int32)])
+    depth = jnp.concatenate([jnp.arange(d + 1, dtype=jnp.int32), jnp.ones((extra,), jnp.int32)])
+    pick = use[:, None]
+    return tree._replace(tokens=jnp.where(pick, tokens.astype(jnp.int32), tree.tokens),
+                         parents=jnp.where(pick, parents[None], tree.parents),
+                         depth=jnp.where(pick, depth[None], tree.depth))
