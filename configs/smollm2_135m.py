@@ -31,6 +31,6 @@ def get_config():
     c.tlt.replicas = 2
     c.tlt.sd_threshold = 4
     c.tlt.arms = ("chain-2", "4_2_8")
-    c.tlt.ngram_arms = ("ngram:chain-2",)
+    c.tlt.ngram_arms = ("group:chain-2",)
     c.rollout.cache_len = 256  # fixed: one compiled program per (bucket, arm) for every RL step
     return c

@@ -70,7 +70,9 @@ def base_config() -> ml_collections.ConfigDict:
         # 'eagle' (the learned drafter), 'ngram' (model-free, the row's own text), 'group' (model-free, the row's,
         # its siblings' and its prompt's earlier answers) or 'hybrid' (group when its match is long, else eagle)
         proposer="eagle",
-        rule="target_only",  # 'target_only' (deterministic drafts) or 'sampled' (drafts from the drafter's q)
+        # 'target_only' (deterministic drafts), 'sampled' (drafts from the drafter's q) or 'auto' (sampled where
+        # the learned drafter drafts, target_only for the model-free proposers); engine arms without '@rule' follow
+        rule="auto",
         ngram_max=3,  # the n-gram proposer's longest match
         ngram_min=1,  # the shortest match that drafts (n-gram and group proposers)
         suffix_max=8,  # the group proposer's longest match
@@ -107,8 +109,8 @@ def base_config() -> ml_collections.ConfigDict:
         replicas=2,  # rollout replicas (sub-meshes of the devices); finished ones train the drafter
         replica_tensor=1,  # tensor parallelism inside a replica: devices per model copy (big models)
         sd_threshold=32,  # speculation is considered once a replica's live rows fit this bucket
-        arms=("chain-4", "4_2_8"),  # BEG-MAB arms with the learned drafter ('4_2_8@sampled': the sampled rule)
-        ngram_arms=("ngram:chain-3",),  # arms while the drafter is not warm (TLT-Base: the only ones)
+        arms=("chain-4", "4_2_8"),  # BEG-MAB arms with the learned drafter or the hybrid (rule: speculative.rule)
+        ngram_arms=("group:chain-3",),  # model-free arms while the drafter is not warm (TLT-Base: the only ones)
         plain_arm=True,  # plain decoding competes with the strategies (speculation must pay for itself)
         epsilon=0.1,  # bandit exploration rate
         window=8,  # bandit reward window (median)

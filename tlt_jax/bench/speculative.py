@@ -115,8 +115,8 @@ def main(argv=None) -> int:
         print(f"drafter from {ddir} (warm-up acceptance {meta.get('extra', {}).get('accept_len_chain4_greedy')})",
               flush=True)
     w = config.drafter.warmup
-    batches = [int(b) for b in args.batches.split(",")]
-    all_prompts = build_prompts(tokenizer, max(max(batches), args.min_rows, args.group_prompts),
+    batches = [int(b) for b in args.batches.split(",") if b]  # '' skips the main table
+    all_prompts = build_prompts(tokenizer, max(batches + [args.min_rows, args.group_prompts]),
                                 stream_seed(int(w.data_seed), "bench_prompts"), config.job.system_prompt or None)
 
     rows = []
@@ -173,9 +173,10 @@ def main(argv=None) -> int:
     ratio = {c["verify_tokens"]: c["ratio"] for c in cost}
     for row in rows:  # a verify of the row's V tokens, in decode steps (batch 1)
         row["verify_cost"] = ratio.get(row["verify_tokens"])
-    print()
-    print_table(rows, ["strategy", "rule", "batch", "temperature", "accept_len", "tok_s", "plain_tok_s", "speedup",
-                       "verify_cost"])
+    if rows:
+        print()
+        print_table(rows, ["strategy", "rule", "batch", "temperature", "accept_len", "tok_s", "plain_tok_s",
+                           "speedup", "verify_cost"])
     if group_rows:
         print()
         print_table(group_rows, ["strategy", "group", "epoch", "batch", "temperature", "accept_len", "tok_s",

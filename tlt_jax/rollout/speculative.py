@@ -115,13 +115,16 @@ class SpeculativeSpec:
 
     def with_arm(self, arm: str) -> "SpeculativeSpec":
         """This spec's matching settings with the strategy, proposer and rule of ``arm`` (inverse of
-        :attr:`arm`)."""
+        :attr:`arm`). An arm that names no rule takes this spec's rule if it uses the learned drafter and this
+        spec's rule needs one (``4_2_8`` under a ``sampled`` spec is ``4_2_8@sampled``), else ``target_only``."""
         if arm == "plain":
             return SpeculativeSpec(proposer="none")
         body, _, rule = str(arm).partition("@")
         proposer, _, name = body.rpartition(":")
-        return dataclasses.replace(self, strategy=SpecStrategy.parse(name), proposer=proposer or "eagle",
-                                   rule=rule or "target_only")
+        proposer = proposer or "eagle"
+        if not rule:
+            rule = self.rule if proposer in LEARNED else "target_only"
+        return dataclasses.replace(self, strategy=SpecStrategy.parse(name), proposer=proposer, rule=rule)
 
     @staticmethod
     def from_arm(arm: str, **settings) -> "SpeculativeSpec":
