@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from tlt_jax.app.config import load_config
-from tlt_jax.app.specs import model_config, speculative_spec
+from tlt_jax.app.specs import engine_config, model_config, speculative_spec
 from tlt_jax.core.errors import ConfigError
 from tlt_jax.models import Decoder
 from tlt_jax.rollout import RolloutSpec, generate
@@ -85,6 +85,15 @@ def test_group_config_errors():
     hybrid = speculative_spec(load_config("tiny", ["speculative.proposer=hybrid", "speculative.rule=sampled",
                                                    "speculative.strategy=4_2_8"]))
     assert hybrid.learned and hybrid.arm == "hybrid:4_2_8@sampled"
+    # the default rule, auto: sampled where the learned drafter drafts, target-only for the model-free proposers;
+    # the engine's arms without a rule follow it
+    assert speculative_spec(load_config("tiny")).rule == "sampled"
+    assert speculative_spec(load_config("tiny", ["speculative.proposer=group"])).rule == "target_only"
+    engine = engine_config(load_config("tiny", ["tlt.arms=('chain-4','4_2_8@target_only')",
+                                                "tlt.ngram_arms=('ngram:chain-3',)"]))
+    assert engine.arms == ("chain-4@sampled", "4_2_8") and engine.ngram_arms == ("ngram:chain-3",)
+    with pytest.raises(ConfigError, match="not a learned-drafter"):
+        engine_config(load_config("tiny", ["tlt.arms=('group:chain-4',)"]))
     assert SpeculativeSpec.from_arm("group:chain-4").arm == "group:chain-4"
     assert SpeculativeSpec.from_arm("hybrid:4_2_8@sampled", suffix_max=6).suffix_max == 6
 

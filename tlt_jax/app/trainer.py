@@ -180,9 +180,9 @@ class Trainer:
             reason = str(e).split(". ")[0]  # the first sentence: what is missing where
             if spot is not None:
                 self.log(f"[tlt] no warmed drafter ({reason}); a fresh one trains on idle replicas "
-                         f"and the n-gram proposer drafts until it has had {spot.warm_after} updates")
+                         f"and the model-free arms (tlt.ngram_arms) draft until it has had {spot.warm_after} updates")
                 self.speculation = specs.speculative_spec(c)
-                self.log("[tlt] TLT: speculative rollouts, the n-gram proposer until the drafter is warm")
+                self.log("[tlt] TLT: speculative rollouts, the model-free arms until the drafter is warm")
                 fresh = Drafter(self.model_cfg, nnx.Rngs(stream_seed(int(c.seed), "drafter_init")))
                 return OnlineDrafter(fresh, warm=False, **online)
             self.speculation, drafter = build.ngram_fallback(c), None

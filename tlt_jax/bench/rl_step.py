@@ -10,7 +10,7 @@ with the same seeds, on this machine, one mode after the other (each in its own 
 device, its fastest layout on a CPU; the TLT modes use the config's layout):
 
 * ``baseline``: plain rollouts (``tlt.enable=False``), ``--steps`` RL steps;
-* ``tlt_base``: the adaptive engine with the model-free n-gram proposer, ``--steps`` RL steps;
+* ``tlt_base``: the adaptive engine with the model-free arms (``tlt.ngram_arms``), ``--steps`` RL steps;
 * ``tlt``: the adaptive engine with the warmed drafter, trained on idle replicas (spot training),
   ``--adaptive-steps`` RL steps;
 * ``frozen``: the same with spot training off (the warmed drafter never moves), ``--adaptive-steps`` steps.

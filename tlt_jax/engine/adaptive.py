@@ -17,7 +17,9 @@ its own chunk loop. The host loop, once per chunk:
 Speculation keeps one state type (``SpecState``) whatever the arm: plain steps are speculative steps with no
 drafts, and the drafter's cache follows every commit, so switching speculation on, changing the strategy and
 compacting the batch cost nothing but a row gather. The learned drafter proposes once it is warm
-(``DrafterInput.proposes``); until then the model-free n-gram proposer serves.
+(``DrafterInput.proposes``); until then the model-free arms (``ngram_arms``: the n-gram or group proposer) serve.
+The text table the model-free proposers read is not per row (``SHARED_LEAVES``): compaction keeps it whole, so
+finished siblings keep serving, and the group proposer's store of earlier answers lives across rollouts.
 
 The engine is a :class:`~tlt_jax.rollout.host.Rollout`: ``generate(params, prompts, seed=..., drafter=...)``
 returns a ``RolloutOutput`` with the engine's statistics and decisions.
@@ -230,7 +232,7 @@ class AdaptiveEngine:
                  drafter: Optional[DrafterInput] = None, max_new: Optional[Sequence[int]] = None) -> RolloutOutput:
         """Runs the batch to completion. ``drafter.trainer``: an object with ``begin(replicas,
         params_by_replica)``, ``step(replica) -> bool`` and ``end() -> dict`` (the drafter's spot trainer), or
-        None; ``drafter.proposes`` False keeps the n-gram proposer drafting (the drafter is not warm yet)."""
+        None; ``drafter.proposes`` False keeps the model-free arms drafting (the drafter is not warm yet)."""
         b = len(prompts)
         if b != self.batch_size:
             raise InputError(f"the engine was built for {self.batch_size} rows, got {b}")
