@@ -82,12 +82,12 @@ def test_cli_reports_config_errors():
 
 def test_a_short_run_logs_checkpoints_and_plots(tmp_path):
     wd = str(tmp_path / "run")
-    # 2 answers per prompt: 2 rows per replica, so buckets [2, 1]; without the plain arm the n-gram proposer drafts
+    # 2 answers per prompt: 2 rows per replica, so buckets [2, 1]; without the plain arm the group proposer drafts
     # every chunk: 4 compiled rollout programs where 4 rows per replica and two arms compile 12
     small = ["rl.group_size=2", "tlt.plain_arm=False"]
     rc, out, err = train_main(tiny_rl_args("rl.steps=3", *small) + ["--workdir", wd, "--no-progress"])
     assert rc == 0, err[-3000:]
-    assert "n-gram proposer" in out and "done: 3 steps" in out
+    assert "model-free arms" in out and "done: 3 steps" in out
     rows = [strict(x) for x in open(os.path.join(wd, "metrics.jsonl"))]
     assert [r["step"] for r in rows] == [1, 2, 3]
     for key in ("reward_mean", "accuracy", "len_p50", "len_p75", "len_p90", "len_max", "time_rollout",
