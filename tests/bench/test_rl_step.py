@@ -12,8 +12,8 @@ from tlt_jax.app.config import load_config
 from tlt_jax.io.drafter import save_drafter
 from tlt_jax.models.drafter import Drafter
 
-# 2 answers per prompt, no plain arm: few compiled programs; 16 new tokens
-SMALL = TINY_RL + ["rl.group_size=2", "tlt.plain_arm=False"]
+# 2 answers per prompt, no plain arm, one learned-drafter arm: few compiled programs; 16 new tokens
+SMALL = TINY_RL + ["rl.group_size=2", "tlt.plain_arm=False", "tlt.arms=('chain-2',)"]
 
 
 @pytest.mark.slow  # four training processes, one per mode (about 90 s)

@@ -35,16 +35,25 @@ def _adversarial():
     return Drafter(model.cfg, nnx.Rngs(2), draft_vocab=np.asarray([int(np.argmin(first))]))
 
 
+@functools.lru_cache(maxsize=None)
+def _partial():
+    """An untrained drafter over 5 of the 8 tokens: children drawn over its draft vocabulary, q zero elsewhere."""
+    model, _, _ = _setup()
+    return Drafter(model.cfg, nnx.Rngs(4), draft_vocab=np.asarray([0, 2, 3, 5, 6]))
+
+
 def _drafter(which):
     model, good, bad = _setup()
-    return {"good": good, "bad": bad, "adversarial": _adversarial() if which == "adversarial" else None}[which]
+    if which == "adversarial":
+        return _adversarial()
+    return _partial() if which == "partial" else {"good": good, "bad": bad}[which]
 
 
 @pytest.mark.lossless
 @pytest.mark.parametrize("which,sampling,strategy", [
     ("good", "T1", "3_2_6"), ("good", "T0.7_p0.9", "3_2_6"), ("good", "T1", "chain-3"),
     ("good", "T1_k3", "chain-1"), ("bad", "T1", "3_2_6"), ("bad", "T0.7_p0.9", "chain-3"),
-    ("adversarial", "T1", "3_2_6"), ("adversarial", "T0.7_p0.9", "chain-3")])
+    ("adversarial", "T1", "3_2_6"), ("adversarial", "T0.7_p0.9", "chain-3"), ("partial", "T0.7_p0.9", "3_2_6")])
 def test_sampled_rule_follows_target_distribution(which, sampling, strategy):
     model, _, _ = _setup()
     params = SAMPLINGS[sampling]

@@ -182,8 +182,17 @@ def grow_tree(drafter: Drafter, target: Decoder, head_w: jax.Array, dcache: KVCa
             logq = jax.nn.log_softmax(logits, axis=-1)
             s_child, i_child = jax.lax.top_k(logq, k)
             return s_child, drafter.to_token_ids(i_child), None, None
-        logq = sampling_logprobs(drafter.full_vocab_logits(logits), sampling)
-        _, tok = children(level_key, logq, k)
+        # q is zero off the draft vocabulary, so temperature, top-k and top-p applied over the draft vocabulary
+        # give the same distribution as over the whole one, at the draft vocabulary's cost; the children are
+        # drawn there and q is scattered over the whole vocabulary once, for the acceptance rule
+        # (a draft vocabulary smaller than K: the children beyond q's support come from the whole vocabulary)
+        if logits.shape[-1] >= k:
+            logq_draft = sampling_logprobs(logits, sampling)
+            _, idx = children(level_key, logq_draft, k)
+            tok, logq = drafter.to_token_ids(idx), drafter.full_vocab_logits(logq_draft)
+        else:
+            logq = sampling_logprobs(drafter.full_vocab_logits(logits), sampling)
+            _, tok = children(level_key, logq, k)
         rank = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), tok.shape)
         return jnp.broadcast_to(prior, tok.shape), tok, rank, logq
 
