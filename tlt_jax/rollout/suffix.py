@@ -4,8 +4,8 @@ The rollout state keeps a *text table* (``SpecState.history``, [T, S + 1] tokens
 rollout row (its prompt and answer so far, the root included) followed by the answers of earlier rollouts of
 the same prompts, each after its prompt (the bank, from a :class:`GroupStore`). Each rollout row has its own
 table row (``row``) and its *sources* (``sources`` [B, C]): its own table row first, then its siblings' (the
-rows of the batch with the same prompt: a GRPO group) and its prompt's stored answers. The table is indexed by original row, so rows
-that finished and were compacted away keep serving their siblings.
+rows of the batch with the same prompt: a GRPO group) and its prompt's stored answers. The table is indexed by
+original row, so rows that finished and were compacted away keep serving their siblings.
 
 :func:`propose_suffix` looks, in every source, for the longest run of tokens that equals the row's last
 tokens (at most ``max_n``, at least ``min_n``), and drafts the ``depth`` tokens that followed it. Ties go to
