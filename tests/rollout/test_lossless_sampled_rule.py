@@ -204,8 +204,8 @@ def test_group_and_hybrid_follow_target_distribution(proposer, strategy, rule, s
     speculation = SpeculativeSpec(SpecStrategy.parse(strategy), proposer=proposer, rule=rule, hybrid_min=2)
     store = GroupStore(per_prompt=4)
     drafter = good if proposer == "hybrid" else None
-    generate(model, [PROMPT] * N, spec, speculation=speculation, drafter=drafter, seed=1, store=store,
-             group_sources=8)
+    generate(model, [PROMPT] * 16, spec, speculation=speculation, drafter=drafter, seed=1, store=store,
+             group_sources=8)  # the earlier rollout: 4 answers are kept
     out = generate(model, [PROMPT] * N, spec, speculation=speculation, drafter=drafter, seed=2, store=store,
                    group_sources=8)
     toks = np.asarray(out.tokens)
