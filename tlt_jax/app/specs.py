@@ -32,7 +32,7 @@ from tlt_jax.rl.grpo import ADVANTAGES, AGGREGATIONS, GRPOConfig
 from tlt_jax.rollout.acceptance import RULES
 from tlt_jax.rollout.decode import RolloutSpec
 from tlt_jax.rollout.sampling import SamplingParams
-from tlt_jax.rollout.speculative import LEARNED, MODEL_FREE, PROPOSERS, SpeculativeSpec
+from tlt_jax.rollout.speculative import LEARNED, PROPOSERS, SpeculativeSpec
 from tlt_jax.rollout.suffix import GroupStore
 from tlt_jax.rollout.tree import SpecStrategy
 
@@ -142,9 +142,6 @@ def speculative_spec(config) -> SpeculativeSpec:
         raise ConfigError(f"speculative.proposer must be one of {list(PROPOSERS[:-1])}, got {sp.proposer!r}")
     if sp.rule not in RULES + ("auto",):
         raise ConfigError(f"speculative.rule must be one of {list(RULES) + ['auto']}, got {sp.rule!r}")
-    if sp.rule != "target_only" and sp.rule != "auto" and sp.proposer in MODEL_FREE:
-        raise ConfigError(f"speculative.rule {sp.rule!r} needs the drafter's distribution; the {sp.proposer} "
-                          f"proposer drafts deterministically (no distribution): use speculative.rule=target_only")
     # auto: the sampled rule wherever the learned drafter drafts (at T = 0 it is the target-only walk)
     rule = ("sampled" if sp.proposer in LEARNED else "target_only") if sp.rule == "auto" else sp.rule
     _at_least(sp, "speculative", ("group_sources",), 1)
@@ -171,20 +168,23 @@ def engine_config(config) -> EngineConfig:
     if not 0 <= float(t.epsilon) <= 1:
         raise ConfigError(f"tlt.epsilon must be in [0, 1], got {t.epsilon}")
     base = speculative_spec(config)
+    named = {}  # the arms by their full names (the rule an arm without one follows made explicit)
     for name, arms, learned in (("tlt.arms", t.arms, True), ("tlt.ngram_arms", t.ngram_arms, False)):
+        named[name] = []
         for arm in arms:
             try:
-                uses_drafter = base.with_arm(arm).learned
+                speculation = base.with_arm(arm)
             except ConfigError as e:
                 raise ConfigError(f"{name}: arm {arm!r}: {e}") from None
-            if uses_drafter != learned:
+            if speculation.learned != learned:
                 raise ConfigError(f"{name}: {arm!r} is not a {'learned-drafter' if learned else 'model-free'} "
                                   f"strategy")
+            named[name].append(speculation.arm)
     if not t.plain_arm and (not t.arms or not t.ngram_arms):
         raise ConfigError("without the plain arm, tlt.arms and tlt.ngram_arms must both be non-empty")
     return EngineConfig(replicas=int(t.replicas), replica_tensor=int(t.replica_tensor),
-                        sd_threshold=int(t.sd_threshold), arms=tuple(base.with_arm(a).arm for a in t.arms),
-                        ngram_arms=tuple(base.with_arm(a).arm for a in t.ngram_arms),
+                        sd_threshold=int(t.sd_threshold), arms=tuple(named["tlt.arms"]),
+                        ngram_arms=tuple(named["tlt.ngram_arms"]),
                         plain_arm=bool(t.plain_arm), epsilon=float(t.epsilon), window=int(t.window),
                         compact=bool(t.compact), max_programs=int(t.max_programs), speculation=base,
                         group_sources=int(sp.group_sources), group_store=int(sp.group_store),

@@ -396,14 +396,10 @@ def speculative_step(model: Decoder, drafter: Optional[Drafter], head_w, st: Spe
         positions = (n[:, None] + tree.depth).astype(jnp.int32)
         logits, hidden, new_kv = verify(model, tree.tokens, positions, mask, cache, attn_impl=spec.attn_impl)
     # 3. accept
-    if use_text is None:
-        acc = rule.accept(key, logits, tree, spec.sampling, d_max)
-    else:
-        acc = rule.accept(key, logits, tree, spec.sampling, d_max)
-        if rule.children is not None:  # the texts' deterministic drafts are verified target-only
-            by_text = get_rule("target_only").accept(key, logits, tree, spec.sampling, d_max)
-            acc = jax.tree.map(lambda t, r: jnp.where(use_text.reshape((b,) + (1,) * (t.ndim - 1)), t, r),
-                               by_text, acc)
+    acc = rule.accept(key, logits, tree, spec.sampling, d_max)
+    if use_text is not None and sampled:  # the texts' deterministic drafts are verified target-only
+        by_text = get_rule("target_only").accept(key, logits, tree, spec.sampling, d_max)
+        acc = jax.tree.map(lambda t, r: jnp.where(use_text.reshape((b,) + (1,) * (t.ndim - 1)), t, r), by_text, acc)
     w = d_max + 1
     j = jnp.arange(w, dtype=jnp.int32)[None, :]
     emitted = acc.num_accepted + 1

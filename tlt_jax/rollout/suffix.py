@@ -143,8 +143,7 @@ def group_inputs(prompts: Sequence[Sequence[int]], cache_len: int, num_sources: 
             for ans in store.answers(prompt)[:len(members)]:
                 text = (list(prompt) + ans)[:cache_len + 1]  # with its prompt: matches run across the boundary
                 bank[slot, :len(text)] = text
-                ans = text
-                bank_len[slot] = len(ans)
+                bank_len[slot] = len(text)
                 stored[prompt].append(b + slot)
                 slot += 1
     sources = np.full((b, num_sources), -1, np.int32)
