@@ -25,8 +25,9 @@ def get_config():
     c.rl.format_weight = 0.5
     c.train.checkpoint_every = 4
     # The adaptive engine sized for a CPU: the host is split into two XLA devices, one rollout replica of 8 rows
-    # each (they run concurrently; a finished one trains the drafter). On this hardware speculation pays only at
-    # very small batches, so it is considered from 4 live rows down, with plain decoding as a competing arm.
+    # each (a finished one trains the drafter; the two devices share the host's cores). On this hardware
+    # speculation pays only at very small batches, so it is considered from 4 live rows down, with plain
+    # decoding as a competing arm.
     c.mesh.cpu_devices = 2
     c.tlt.replicas = 2
     c.tlt.sd_threshold = 4

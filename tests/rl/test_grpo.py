@@ -140,3 +140,41 @@ def test_remat_gives_the_same_update():
         text = grpo.update_step.lower(params, sgd.init(params), batch, graphdef=graphdef, optimizer=sgd,
                                       config=grpo.GRPOConfig(remat=remat)).as_text()
         assert ("optimization_barrier" in text) == remat
+
+
+def test_answer_widths_and_bucketed_batches_train_like_the_padded_one():
+    from tlt_jax.core.shapes import answer_width, answer_widths
+    from tlt_jax.rl.step import build_batch
+
+    assert answer_widths(128, 4) == (16, 32, 64, 128) and answer_widths(100, 3) == (32, 56, 100)
+    assert answer_widths(128, 1) == (128,) and answer_width(0, 128, 4) == 16
+    assert answer_width(17, 128, 4) == 32 and answer_width(500, 128, 4) == 128
+    with pytest.raises(ValueError, match=">= 1"):
+        answer_widths(128, 0)
+    cfg, model = tiny_model(seed=3)
+    graphdef, params = nnx.split(model)
+    rng = np.random.default_rng(4)
+    prompts = [rng.integers(1, 200, size=n).tolist() for n in (3, 7, 5, 2)]
+    answers = [rng.integers(1, 200, size=n).tolist() for n in (9, 2, 13, 0)]
+    adv = np.array([1.0, -0.5, 0.25, -1.0])
+    grpo_cfgs = [grpo.GRPOConfig(temperature=0.7, kl_coef=0.1, aggregation="seq_mean")]
+    results = {}
+    for buckets in (1, 4):
+        tokens, valid, amask, a = build_batch(prompts, answers, adv, prompt_multiple=8, max_new_tokens=64,
+                                              answer_buckets=buckets)
+        n = amask.shape[1]
+        assert n == (64 if buckets == 1 else 16)
+        old, _, _ = grpo.logprob_forward(params, tokens, valid, graphdef=graphdef, num_answer=n, temperature=0.7)
+        old = np.asarray(old) - 0.05 * amask  # a ratio away from 1 so that clipping and the KL take part
+        batch = grpo.TrainBatch(*(jnp.asarray(x) for x in (tokens, valid, amask, a, old, old - 0.1)))
+        for c in grpo_cfgs:
+            def loss(p, batch, c=c, n=n):
+                logp, _, _ = grpo.answer_logprobs(nnx.merge(graphdef, p), batch.tokens, batch.valid, n, c.temperature)
+                return grpo.policy_loss(logp, batch, c)[0]
+            results[buckets, c] = jax.jit(jax.value_and_grad(loss))(params, batch)
+    for c in grpo_cfgs:
+        (l1, g1), (l4, g4) = results[1, c], results[4, c]
+        assert float(l1) != 0.0
+        np.testing.assert_allclose(float(l4), float(l1), rtol=1e-5)
+        for x, y in zip(jax.tree.leaves(g1), jax.tree.leaves(g4)):
+            np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-4, atol=1e-6)

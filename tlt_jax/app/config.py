@@ -157,6 +157,7 @@ def base_config() -> ml_collections.ConfigDict:
         reward="math",  # 'math' (math-verify on the boxed answer) or 'module.path:function'
         format_weight=0.1,  # extra reward for a finished answer with a boxed result
         prompt_multiple=32,  # prompts are padded to a multiple of this (fewer compiled shapes)
+        answer_buckets=4,  # update batches: the answer width is the smallest of cap, cap/2, ... (this many) that fits
     ))
     c.train = ml_collections.ConfigDict(dict(
         checkpoint_every=2,  # RL steps between checkpoints (the last step is always saved)

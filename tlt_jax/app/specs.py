@@ -283,7 +283,7 @@ def warmup_spec(config) -> WarmupSpec:
 
 def _check_rl(config) -> None:
     rl = config.rl
-    _at_least(rl, "rl", ("steps", "prompts_per_step", "minibatches", "prompt_multiple"), 1)
+    _at_least(rl, "rl", ("steps", "prompts_per_step", "minibatches", "prompt_multiple", "answer_buckets"), 1)
     if int(rl.group_size) < 2:
         raise ConfigError(f"rl.group_size must be >= 2 (advantages compare answers in a group), got {rl.group_size}")
     rows = rows_per_step(config)

@@ -107,6 +107,7 @@ class Trainer:
                          decode=lambda t: self.tokenizer.decode(t, skip_special_tokens=True),
                          advantage=rl.advantage, minibatches=int(rl.minibatches),
                          prompt_multiple=int(rl.prompt_multiple), max_new_tokens=self.spec.max_new_tokens,
+                         answer_buckets=int(rl.answer_buckets),
                          seed=int(config.seed), reference=float(rl.kl_coef) > 0, drafter=self.online)
         self.step = 0
         if resume and existing is not None:
@@ -210,6 +211,11 @@ class Trainer:
         self.log(f"[tlt] adaptive engine: {engine_config.replicas} replicas of {rows // engine_config.replicas} "
                  f"rows, buckets {self.engine.buckets}, speculation at <= {engine_config.sd_threshold} rows, spot "
                  f"training {'on' if self.spot else 'off'}")
+        local = [d for d in self.devices if d.process_index == jax.process_index()]
+        if engine_config.replicas > 1 and local and local[0].platform == "cpu":
+            self.log(f"[tlt] note: the {len(local)} CPU devices of this process share its {os.cpu_count()} cores "
+                     f"(XLA's CPU runtime has one thread pool per process), so the replicas' chunks take turns "
+                     f"and a finished replica's spot training takes time from the others")
         return self.engine
 
     def precompile(self) -> Dict[str, float]:

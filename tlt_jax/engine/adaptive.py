@@ -10,7 +10,8 @@ its own chunk loop. The host loop, once per chunk:
    a replica with no live rows hands its devices to the spot trainer (one drafter step per chunk, so the
    trainer is preempted at step granularity when the rollout ends).
 2. **Dispatch** every local replica's chunk (a program from the pool, compiled ahead of time for its bucket
-   and arm) and drafter step without waiting: replicas on different devices run concurrently.
+   and arm) and drafter step without waiting: replicas on different accelerators run concurrently (the XLA
+   devices of one CPU process share its cores, so there they take turns).
 3. **Gather** the small counters (live rows, committed tokens, chunk seconds) of every replica from every
    process, update the bandits in replica order, and go on until no replica has live rows.
 

@@ -33,8 +33,10 @@ def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> Tuple[int, int, in
 
 
 def apply_cpu_devices(count: int, log=print) -> None:
-    """``count`` > 0: the CPU backend starts with that many devices (rollout replicas can then run concurrently on
-    one host). Must run before anything starts JAX's backends; afterwards it only warns."""
+    """``count`` > 0: the CPU backend starts with that many devices (one rollout replica per device). They are
+    devices of one process and share its intra-op thread pool, so their programs share the host's cores (each
+    program already uses all of them; measured in the README, "The long tail"). Must run before anything starts
+    JAX's backends; afterwards it only warns."""
     if count <= 0:
         return
     try:

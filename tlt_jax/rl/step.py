@@ -10,7 +10,10 @@ the sharding rules) and are updated in place of the old ones (donated). The roll
 become its training data.
 
 Batch layout of the update: see :mod:`tlt_jax.rl.grpo`. Every row is padded to the prompt width (a multiple of
-``prompt_multiple``) plus ``max_new_tokens``.
+``prompt_multiple``) plus an answer width: the smallest of ``answer_buckets`` widths (``max_new_tokens``, half
+of it, a quarter, ...; :func:`~tlt_jax.core.shapes.answer_widths`) that holds the batch's longest answer, so
+the log-prob forward and the update pay for the tokens that exist, over a few compiled shapes. Losses and
+gradients do not depend on the width (padding is masked and every mean is over answer tokens).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import optax
 from jax.sharding import Mesh
 
 from tlt_jax.core.seeds import numpy_stream, stream_seed
-from tlt_jax.core.shapes import round_up
+from tlt_jax.core.shapes import answer_width, round_up
 from tlt_jax.drafter.online import OnlineDrafter
 from tlt_jax.parallel import sharding as shd
 from tlt_jax.rl import grpo
@@ -48,10 +51,13 @@ def percentiles(lengths: Sequence[int]) -> Dict[str, float]:
 
 
 def build_batch(prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]], advantages: np.ndarray, *,
-                prompt_multiple: int, max_new_tokens: int):
-    """Host arrays of the training layout (see :mod:`tlt_jax.rl.grpo`): tokens, valid, answer mask, advantages."""
+                prompt_multiple: int, max_new_tokens: int, answer_buckets: int = 1):
+    """Host arrays of the training layout (see :mod:`tlt_jax.rl.grpo`): tokens, valid, answer mask, advantages.
+
+    Answers are cut at ``max_new_tokens``; the answer width is the smallest of ``answer_buckets`` widths that
+    holds the longest (``answer_buckets = 1``: always ``max_new_tokens``)."""
     p = round_up(max(len(x) for x in prompts), prompt_multiple)
-    n = int(max_new_tokens)
+    n = answer_width(max(len(a) for a in answers), max_new_tokens, answer_buckets)
     b = len(prompts)
     tokens = np.zeros((b, p + n), np.int32)
     valid = np.zeros((b, p + n), bool)
@@ -72,12 +78,13 @@ class RLStep:
     def __init__(self, graphdef, params, mesh: Mesh, *, rollout: Rollout, reward_fn: Callable,
                  grpo_config: grpo.GRPOConfig, optimizer: optax.GradientTransformation,
                  decode: Callable[[List[int]], str], advantage: str = "grpo", minibatches: int = 1,
-                 prompt_multiple: int = 32, max_new_tokens: int = 128, seed: int = 0, reference: bool = False,
-                 drafter: Optional[OnlineDrafter] = None):
+                 prompt_multiple: int = 32, max_new_tokens: int = 128, answer_buckets: int = 1, seed: int = 0,
+                 reference: bool = False, drafter: Optional[OnlineDrafter] = None):
         self.graphdef, self.mesh, self.rollout, self.reward_fn = graphdef, mesh, rollout, reward_fn
         self.grpo_config, self.optimizer, self.decode = grpo_config, optimizer, decode
         self.advantage, self.minibatches, self.prompt_multiple = advantage, int(minibatches), int(prompt_multiple)
-        self.max_new_tokens, self.seed, self.drafter = int(max_new_tokens), int(seed), drafter
+        self.max_new_tokens, self.answer_buckets = int(max_new_tokens), int(answer_buckets)
+        self.seed, self.drafter = int(seed), drafter
         self.param_shards = shd.tree_shardings(params, mesh)
         self.params = shd.tree_to_global(params, self.param_shards)
         self.ref_params = shd.tree_to_global(params, self.param_shards) if reference else None  # frozen for KL
@@ -135,7 +142,8 @@ class RLStep:
 
         t0 = time.perf_counter()
         tokens, valid, amask, adv = build_batch(prompts, res.tokens, adv, prompt_multiple=self.prompt_multiple,
-                                                max_new_tokens=self.max_new_tokens)
+                                                max_new_tokens=self.max_new_tokens,
+                                                answer_buckets=self.answer_buckets)
         n = amask.shape[1]
         rows = grpo.batch_shardings(self.mesh, len(prompts))
         logprob = self._logprob_fn(len(prompts), n)
