@@ -15,4 +15,8 @@ def get_config():
     c.rollout.max_new_tokens = 512
     c.rollout.cache_len = 640  # prompt (<= 128) + 512: one compiled program per (bucket, arm) for every step
     c.rl.steps = 8
+    # Four mini-batches of 4 answers: the update of 8 answers x (128 + 512) tokens needs 19.3 GB of temporaries
+    # (XLA's memory analysis; the attention scores of every layer dominate, and train.remat saves under 1 GB of
+    # it on this backend), which with the rollout engine's programs did not fit a 24 GB host; 4 answers need 9.8.
+    c.rl.minibatches = 4
     return c

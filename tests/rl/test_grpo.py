@@ -68,6 +68,10 @@ def test_answer_logprobs_of_a_padded_batch_match_each_row_alone():
         tokens[i, p:p + len(an)], valid[i, p:p + len(an)] = an, True
     logp, ent, hidden = grpo.answer_logprobs(model, jnp.asarray(tokens), jnp.asarray(valid), n, 0.7)
     assert hidden.shape == (3, p + n, cfg.hidden_size)
+    # the LM head over chunks of 4 answer positions (4 + 2) gives the same values
+    lp4, ent4, _ = grpo.answer_logprobs(model, jnp.asarray(tokens), jnp.asarray(valid), n, 0.7, chunk=4)
+    np.testing.assert_allclose(np.asarray(lp4), np.asarray(logp), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(ent4), np.asarray(ent), atol=1e-6)
     for i, (pr, an) in enumerate(zip(prompts, answers)):
         seq = jnp.asarray([pr + an])
         t = seq.shape[1]
@@ -136,13 +140,16 @@ def test_remat_gives_the_same_update():
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-7)
         moved = max(moved, float(np.abs(np.asarray(a) - np.asarray(p0)).max()))
     assert moved > 1e-4  # a real gradient step was compared
-    for remat in (False, True):  # the layers are rematerialised in the backward pass only when asked
+    barriers = {}
+    for remat in (False, True):  # the layers are rematerialised in the backward pass only when asked (the LM head
+        # over answer chunks always is)
         text = grpo.update_step.lower(params, sgd.init(params), batch, graphdef=graphdef, optimizer=sgd,
                                       config=grpo.GRPOConfig(remat=remat)).as_text()
-        assert ("optimization_barrier" in text) == remat
+        barriers[remat] = text.count("optimization_barrier")
+    assert barriers[True] > barriers[False]
 
 
-def test_answer_widths_and_bucketed_batches_train_like_the_padded_one():
+def test_bucketed_widths_and_a_chunked_head_train_like_the_padded_batch():
     from tlt_jax.core.shapes import answer_width, answer_widths
     from tlt_jax.rl.step import build_batch
 
@@ -168,8 +175,10 @@ def test_answer_widths_and_bucketed_batches_train_like_the_padded_one():
         old = np.asarray(old) - 0.05 * amask  # a ratio away from 1 so that clipping and the KL take part
         batch = grpo.TrainBatch(*(jnp.asarray(x) for x in (tokens, valid, amask, a, old, old - 0.1)))
         for c in grpo_cfgs:
-            def loss(p, batch, c=c, n=n):
-                logp, _, _ = grpo.answer_logprobs(nnx.merge(graphdef, p), batch.tokens, batch.valid, n, c.temperature)
+            # the bucketed batch also runs the LM head over chunks of 8 answer positions (16 = 8 + 8)
+            def loss(p, batch, c=c, n=n, chunk=8 if buckets > 1 else grpo.LOGIT_CHUNK):
+                logp, _, _ = grpo.answer_logprobs(nnx.merge(graphdef, p), batch.tokens, batch.valid, n, c.temperature,
+                                                  chunk=chunk)
                 return grpo.policy_loss(logp, batch, c)[0]
             results[buckets, c] = jax.jit(jax.value_and_grad(loss))(params, batch)
     for c in grpo_cfgs:

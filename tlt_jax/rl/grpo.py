@@ -65,22 +65,37 @@ def _positions_and_mask(valid: jax.Array) -> Tuple[jax.Array, jax.Array]:
     return positions, padded_causal_mask(valid)
 
 
+LOGIT_CHUNK = 128  # answer positions whose vocabulary-sized log-probabilities exist at one time
+
+
+def _answer_head(model: Decoder, hidden: jax.Array, targets: jax.Array, temperature: float):
+    """(log-prob of each target, entropy) under softmax(LM head(hidden) / temperature); [B, C] each."""
+    logits = model.logits(hidden).astype(jnp.float32) / temperature
+    logp_all = jax.nn.log_softmax(logits, axis=-1)
+    logp = jnp.take_along_axis(logp_all, targets[..., None], axis=-1)[..., 0]
+    entropy = -(jnp.exp(logp_all) * logp_all).sum(-1)
+    return logp, entropy
+
+
 def answer_logprobs(model: Decoder, tokens: jax.Array, valid: jax.Array, num_answer: int, temperature: float,
-                    remat: bool = False) -> Tuple[jax.Array, jax.Array, jax.Array]:
+                    remat: bool = False, chunk: int = LOGIT_CHUNK) -> Tuple[jax.Array, jax.Array, jax.Array]:
     """The actor's forward over prompt + answer.
 
     Returns (log-probs [B, N] of the answer tokens under softmax(logits / temperature), entropy [B, N] of that
-    distribution, final-norm hidden states [B, P + N, H]).
+    distribution, final-norm hidden states [B, P + N, H]). The LM head runs over ``chunk`` answer positions at
+    a time and is recomputed in the backward pass, so the [B, N, vocab] logits never exist whole: the
+    vocabulary-sized arrays of a long answer would otherwise dominate the update's memory.
     """
     b, l = tokens.shape
     p = l - num_answer
     positions, mask = _positions_and_mask(valid)
     idx = jnp.broadcast_to(jnp.arange(p - 1, l - 1, dtype=jnp.int32)[None], (b, num_answer))
-    out = model(tokens, positions, mask, None, logit_index=idx, remat=remat)
-    logits = out.logits.astype(jnp.float32) / temperature
-    logp_all = jax.nn.log_softmax(logits, axis=-1)
-    logp = jnp.take_along_axis(logp_all, tokens[:, p:, None], axis=-1)[..., 0]
-    entropy = -(jnp.exp(logp_all) * logp_all).sum(-1)
+    out = model(tokens, positions, mask, None, logit_index=idx[:, :0], remat=remat)  # hidden states, no logits
+    h = jnp.take_along_axis(out.hidden, idx[..., None], axis=1)
+    head = nnx.remat(lambda m, hc, tc: _answer_head(m, hc, tc, temperature))
+    parts = [head(model, h[:, s:s + chunk], tokens[:, p + s:p + s + chunk]) for s in range(0, num_answer, chunk)]
+    logp = jnp.concatenate([x[0] for x in parts], axis=1)
+    entropy = jnp.concatenate([x[1] for x in parts], axis=1)
     return logp, entropy, out.hidden
 
 
