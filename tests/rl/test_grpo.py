@@ -140,13 +140,10 @@ def test_remat_gives_the_same_update():
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-7)
         moved = max(moved, float(np.abs(np.asarray(a) - np.asarray(p0)).max()))
     assert moved > 1e-4  # a real gradient step was compared
-    barriers = {}
-    for remat in (False, True):  # the layers are rematerialised in the backward pass only when asked (the LM head
-        # over answer chunks always is)
+    for remat in (False, True):  # the layers are rematerialised in the backward pass only when asked
         text = grpo.update_step.lower(params, sgd.init(params), batch, graphdef=graphdef, optimizer=sgd,
                                       config=grpo.GRPOConfig(remat=remat)).as_text()
-        barriers[remat] = text.count("optimization_barrier")
-    assert barriers[True] > barriers[False]
+        assert ("optimization_barrier" in text) == remat
 
 
 def test_bucketed_widths_and_a_chunked_head_train_like_the_padded_batch():

@@ -82,9 +82,9 @@ def answer_logprobs(model: Decoder, tokens: jax.Array, valid: jax.Array, num_ans
     """The actor's forward over prompt + answer.
 
     Returns (log-probs [B, N] of the answer tokens under softmax(logits / temperature), entropy [B, N] of that
-    distribution, final-norm hidden states [B, P + N, H]). The LM head runs over ``chunk`` answer positions at
-    a time and is recomputed in the backward pass, so the [B, N, vocab] logits never exist whole: the
-    vocabulary-sized arrays of a long answer would otherwise dominate the update's memory.
+    distribution, final-norm hidden states [B, P + N, H]). Past ``chunk`` answer positions the LM head runs
+    over ``chunk`` positions at a time and is recomputed in the backward pass, so the [B, N, vocab] logits
+    never exist whole: the vocabulary-sized arrays of a long answer would otherwise dominate the memory.
     """
     b, l = tokens.shape
     p = l - num_answer
@@ -92,6 +92,9 @@ def answer_logprobs(model: Decoder, tokens: jax.Array, valid: jax.Array, num_ans
     idx = jnp.broadcast_to(jnp.arange(p - 1, l - 1, dtype=jnp.int32)[None], (b, num_answer))
     out = model(tokens, positions, mask, None, logit_index=idx[:, :0], remat=remat)  # hidden states, no logits
     h = jnp.take_along_axis(out.hidden, idx[..., None], axis=1)
+    if num_answer <= chunk:  # one chunk: nothing to bound, and no recomputation to pay for
+        logp, entropy = _answer_head(model, h, tokens[:, p:], temperature)
+        return logp, entropy, out.hidden
     head = nnx.remat(lambda m, hc, tc: _answer_head(m, hc, tc, temperature))
     parts = [head(model, h[:, s:s + chunk], tokens[:, p + s:p + s + chunk]) for s in range(0, num_answer, chunk)]
     logp = jnp.concatenate([x[0] for x in parts], axis=1)
