@@ -25,16 +25,17 @@ from tlt_jax.app.trainer import Trainer
 from tlt_jax.bench.common import machine_info, print_table, write_json
 from tlt_jax.core.seeds import stream_seed
 from tlt_jax.parallel.mesh import apply_cpu_devices
+from tlt_jax.rl.step import percentiles
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def tail_stats(lengths, cap: int) -> dict:
-    """Percentiles of answer lengths, p90 / p50 and the share of answers at the cap."""
+    """The training log's length percentiles, plus p10, p90 / p50 and the share of answers at the cap."""
     x = np.asarray(lengths, np.float64)
-    p50, p90 = float(np.percentile(x, 50)), float(np.percentile(x, 90))
-    return {"answers": int(x.size), "len_p10": float(np.percentile(x, 10)), "len_p50": p50, "len_p90": p90,
-            "len_max": float(x.max()), "p90_over_p50": p90 / max(p50, 1.0), "at_cap": float(np.mean(x >= cap))}
+    pct = percentiles(x)
+    return {"answers": int(x.size), "len_p10": float(np.percentile(x, 10)), **pct,
+            "p90_over_p50": pct["len_p90"] / max(pct["len_p50"], 1.0), "at_cap": float(np.mean(x >= cap))}
 
 
 def main(argv=None) -> int:
