@@ -29,6 +29,10 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "accelerate>=1.0", "import-linter>=2.1"],
+        # compile for TPU on any host: the libtpu build of this JAX gives compile-only TPU devices (tests: tpu_aot)
+        "tpu": ["libtpu==0.0.42.*"],
+        # compile the GPU kernel's Triton IR for sm_90 offline (tests: cuda_lower)
+        "cuda_lower": ["triton==3.9.0"],
     },
     entry_points={
         "console_scripts": [

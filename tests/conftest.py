@@ -1,8 +1,11 @@
-"""Test setup: 8 fake CPU devices (for sharding tests), offline hub, float32 matmuls at full precision."""
+"""Test setup: 8 fake CPU devices (for sharding tests) on the CPU platform, offline hub, float32 matmuls at full
+precision."""
 
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# the suite runs on the CPU; libtpu (the tpu extra) only compiles, and would otherwise look for a chip at start-up
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

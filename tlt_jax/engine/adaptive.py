@@ -86,6 +86,13 @@ def _take_rows(state: SpecState, idx: jax.Array) -> SpecState:
     return jax.tree_util.tree_map_with_path(take, state)
 
 
+def _on_mesh(replica: Replica, lower: Callable[[], Any]):
+    """``lower()`` traced under the replica's mesh (the attention kernels run per shard of it), compiled."""
+    with jax.set_mesh(replica.mesh):
+        lowered = lower()
+    return lowered.compile()
+
+
 @dataclasses.dataclass
 class _Run:
     """One replica's rollout in progress (host bookkeeping)."""
@@ -170,9 +177,9 @@ class AdaptiveEngine:
         def build():
             speculation = self.config.speculation.with_arm(arm)
             st = self._abstract_state(bucket, replica, params, drafter_params)
-            return speculative_chunk.lower(params, drafter_params, st, graphdef=self.graphdef,
-                                           drafter_graphdef=self.drafter_graphdef, spec=self.spec,
-                                           speculation=speculation).compile()
+            return _on_mesh(replica, lambda: speculative_chunk.lower(
+                params, drafter_params, st, graphdef=self.graphdef, drafter_graphdef=self.drafter_graphdef,
+                spec=self.spec, speculation=speculation))
         return self._pooled(self.pool, replica, (bucket, arm, self.drafter_graphdef is not None, self.spec,
                                                  self.cache_len, self.graphdef, self.drafter_graphdef), build)
 
@@ -277,10 +284,9 @@ class AdaptiveEngine:
             start = self._pooled(
                 self.start_pool, r, (toks.shape, dp is None, spec, self.cache_len, self.graphdef,
                                      self.drafter_graphdef, self.store is not None),
-                lambda: start_speculative.lower(p, dp, *args[:3], key, *args[3:], graphdef=self.graphdef,
-                                                drafter_graphdef=self.drafter_graphdef, spec=spec,
-                                                speculation=SpeculativeSpec(proposer="none"),
-                                                cache_len=self.cache_len).compile())
+                lambda: _on_mesh(r, lambda: start_speculative.lower(
+                    p, dp, *args[:3], key, *args[3:], graphdef=self.graphdef, drafter_graphdef=self.drafter_graphdef,
+                    spec=spec, speculation=SpeculativeSpec(proposer="none"), cache_len=self.cache_len)))
             run.state = start(p, dp, *args[:3], key, *args[3:])
             run.state = jax.device_put(run.state, r.state_shardings(run.state))
         counters = np.zeros((len(runs), 3), np.float64)  # live rows, tokens committed by the chunk, seconds

@@ -114,8 +114,8 @@ class Drafter(nnx.Module):
 
     def __call__(self, target: Decoder, tokens: jax.Array, feats: jax.Array, positions: jax.Array,
                  mask: jax.Array, cache: Optional[KVCache] = None, *, write_slots: Optional[jax.Array] = None,
-                 extra_kv: Optional[Tuple[jax.Array, jax.Array]] = None, read_cache: bool = True
-                 ) -> Tuple[jax.Array, Tuple[jax.Array, jax.Array], Optional[KVCache]]:
+                 extra_kv: Optional[Tuple[jax.Array, jax.Array]] = None, read_cache: bool = True,
+                 attn_impl: str = "reference") -> Tuple[jax.Array, Tuple[jax.Array, jax.Array], Optional[KVCache]]:
         """One drafter forward.
 
         Args:
@@ -127,6 +127,7 @@ class Drafter(nnx.Module):
           write_slots: [B, T] slots to write the new keys/values to (>= S dropped); None writes nothing.
           extra_kv: optional (k, v) [B, J, KVH, D] of earlier tree nodes, attended under ``mask``.
           read_cache: False when the cache is known to be empty (the prompt pass): its keys are only written.
+          attn_impl: the attention implementation of the cached attention (``kernels_pallas.attention``).
         Returns:
           (hidden [B, T, H] (estimates of f_{t+1}), (k, v) [B, T, KVH, D] of the new tokens, cache').
         """
@@ -153,7 +154,7 @@ class Drafter(nnx.Module):
         vc = cache.v[0] if cache is not None else None
         attend = cache is not None and read_cache
         out = cached_attention(q, kc if attend else None, vc if attend else None,
-                               cache.lengths if attend else None, keys, vals, mask, impl="reference")
+                               cache.lengths if attend else None, keys, vals, mask, impl=attn_impl)
         x = x + attn.o_proj(out.reshape(b, t, cfg.num_heads * cfg.head_dim))
         hidden = x + self.layer.mlp(self.layer.post_attention_layernorm(x))
         new_cache = cache

@@ -152,8 +152,16 @@ class _Programs:
                             out_shardings=state_sh)
             chunk = jax.jit(lambda *a: self.chunk_fn(*a, **chunk_kw), in_shardings=param_sh + (state_sh,),
                             out_shardings=state_sh, donate_argnums=(len(lead),))
-            self._compiled[key] = (start, chunk)
+            self._compiled[key] = (_on_mesh(mesh, start), _on_mesh(mesh, chunk))
         return self._compiled[key]
+
+
+def _on_mesh(mesh: Mesh, fn):
+    """``fn`` called (and so traced) under ``mesh``: the attention kernels run per shard of it."""
+    def call(*args):
+        with jax.set_mesh(mesh):
+            return fn(*args)
+    return call
 
 
 PLAIN_PROGRAMS = _Programs(plain_programs.rollout_start, plain_programs.rollout_chunk, plain_programs.start_rollout,

@@ -158,7 +158,8 @@ class SpecState:
 
 def grow_tree(drafter: Drafter, target: Decoder, head_w: jax.Array, dcache: KVCache, draft_hidden: jax.Array,
               root: jax.Array, strategy: SpecStrategy, children: Optional[ChildFn] = None,
-              key: Optional[jax.Array] = None, sampling: Optional[SamplingParams] = None) -> DraftTree:
+              key: Optional[jax.Array] = None, sampling: Optional[SamplingParams] = None,
+              attn_impl: str = "reference") -> DraftTree:
     """A draft tree of V nodes from the drafter's last feature.
 
     Deterministic (``children`` None): the EAGLE-2 dynamic tree: each level expands the K candidates of best
@@ -215,7 +216,8 @@ def grow_tree(drafter: Drafter, target: Decoder, head_w: jax.Array, dcache: KVCa
         mask = jnp.concatenate([front_anc[:, :, :slot0], jnp.eye(k, dtype=bool)[None].repeat(b, 0)], axis=2)
         positions = jnp.broadcast_to((n + level - 1)[:, None], (b, k)).astype(jnp.int32)
         extra = None if exp_k is None else (exp_k, exp_v)
-        hid, (kk, vv), _ = drafter(target, front_tok, front_feat, positions, mask, dcache, extra_kv=extra)
+        hid, (kk, vv), _ = drafter(target, front_tok, front_feat, positions, mask, dcache, extra_kv=extra,
+                                   attn_impl=attn_impl)
         exp_k = kk if exp_k is None else jnp.concatenate([exp_k, kk], axis=1)
         exp_v = vv if exp_v is None else jnp.concatenate([exp_v, vv], axis=1)
         s_child, c_tok, c_rank, logq = expand(hid, keys[level])  # [B, K, K]
@@ -271,7 +273,8 @@ def grow_tree(drafter: Drafter, target: Decoder, head_w: jax.Array, dcache: KVCa
     return DraftTree(tokens.astype(jnp.int32), parents, depth, rank=ranks, draft_logq=node_logq, top_k=k)
 
 
-def _extend_drafter(drafter: Drafter, target: Decoder, dcache: KVCache, feats, tokens, count, active):
+def _extend_drafter(drafter: Drafter, target: Decoder, dcache: KVCache, feats, tokens, count, active,
+                    attn_impl: str = "reference"):
     """Appends pairs (feats[:, j], tokens[:, j]) for j < count at positions lengths + j to the drafter cache.
 
     Returns (dcache', drafter output at the last appended pair [B, H]).
@@ -283,7 +286,7 @@ def _extend_drafter(drafter: Drafter, target: Decoder, dcache: KVCache, feats, t
     slots = jnp.where(valid, pos, dcache.max_len)
     mask = padded_causal_mask(valid)
     hid, _, dcache = drafter(target, tokens, feats, pos.astype(jnp.int32), mask, dcache,
-                             write_slots=slots.astype(jnp.int32))
+                             write_slots=slots.astype(jnp.int32), attn_impl=attn_impl)
     last = jnp.maximum(count - 1, 0)
     out = jnp.take_along_axis(hid, last[:, None, None], axis=1)[:, 0]
     dcache = dcache.replace(lengths=dcache.lengths + jnp.where(active, count, 0))
@@ -331,7 +334,8 @@ def speculative_start(params, drafter_params, prompt_tokens, prompt_valid, max_n
         mask = padded_causal_mask(valid)
         positions = jnp.maximum(rank, 0).astype(jnp.int32)
         slots = jnp.where(valid, positions, cache_len).astype(jnp.int32)
-        hid, _, dcache = drafter(model, nxt, hidden, positions, mask, dcache, write_slots=slots, read_cache=False)
+        hid, _, dcache = drafter(model, nxt, hidden, positions, mask, dcache, write_slots=slots, read_cache=False,
+                                 attn_impl=spec.attn_impl)
         dcache = dcache.replace(lengths=n)
         draft_hidden = jnp.take_along_axis(hid, last[:, None, None], axis=1)[:, 0]
     else:
@@ -371,7 +375,7 @@ def speculative_step(model: Decoder, drafter: Optional[Drafter], head_w, st: Spe
     use_text = None  # hybrid: the rows drafted from the texts
     if speculation.learned:
         tree = grow_tree(drafter, model, head_w, st.dcache, st.draft_hidden, st.next_token, strat,
-                         *((rule.children, draft_key, spec.sampling) if sampled else ()))
+                         *((rule.children, draft_key, spec.sampling) if sampled else ()), attn_impl=spec.attn_impl)
     elif speculation.proposer == "none":
         tree = chain_tree(st.next_token, jnp.zeros((b, 0), jnp.int32))
     if speculation.proposer in ("ngram", "group", "hybrid"):
@@ -438,7 +442,8 @@ def speculative_step(model: Decoder, drafter: Optional[Drafter], head_w, st: Spe
     dcache, draft_hidden = st.dcache, st.draft_hidden
     if drafter is not None:  # the drafter follows every commit, whichever proposer drafted
         feats = jnp.take_along_axis(hidden, path[:, :, None], axis=1)  # target features of root + accepted
-        dcache, out = _extend_drafter(drafter, model, dcache, feats, acc.tokens, count, active & ~newly)
+        dcache, out = _extend_drafter(drafter, model, dcache, feats, acc.tokens, count, active & ~newly,
+                                      spec.attn_impl)
         draft_hidden = jnp.where((active & ~newly)[:, None], out.astype(draft_hidden.dtype), draft_hidden)
     return st.replace(cache=cache, dcache=dcache, draft_hidden=draft_hidden, history=history,
                       history_len=history_len,
