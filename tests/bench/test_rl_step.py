@@ -26,7 +26,9 @@ def test_rl_step_bench_runs_every_mode_and_writes_strict_json(tmp_path):
     # run from the repository root: the mode processes load configs/ and tests.rl.reward_fns from there
     argv = ["--config", "configs/tiny.py", "--steps", "1", "--adaptive-steps", "1", "--overhead-reps", "1",
             "--json", str(out)] + [f"--config.{o}" for o in SMALL + [f"drafter.checkpoint={ddir}"]]
-    p = run_command("tlt_jax.bench.rl_step", argv)
+    # the mode processes share a persistent XLA cache: a program another mode compiled is loaded, not recompiled
+    cache = dict(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    p = run_command("tlt_jax.bench.rl_step", argv, env=cache)
     assert p.returncode == 0, p.stderr[-3000:]
     res = strict_json(out.read_text())
     assert [(r["mode"], r["step"]) for r in res["rows"]] == [

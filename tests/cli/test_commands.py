@@ -151,7 +151,8 @@ def test_warmup_command_end_to_end(tmp_path):
            "--config.drafter.warmup.num_prompts=4", "--config.drafter.warmup.eval_prompts=2",
            "--config.drafter.warmup.max_new_tokens=12", "--config.drafter.warmup.gen_batch=4",
            "--config.drafter.warmup.steps=3", "--config.drafter.warmup.batch_size=2",
-           "--config.drafter.warmup.seq_len=128", "--config.drafter.draft_vocab=512"]
+           "--config.drafter.warmup.seq_len=128", "--config.drafter.draft_vocab=512",
+           "--config.drafter.warmup.eval_temperatures=(0.0,)"]
     # a persistent XLA compilation cache shared by the two runs: the rerun loads the programs the first run compiled
     # (the same executables) instead of compiling the 30-layer model's programs again
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla_cache"),

@@ -90,6 +90,7 @@ def base_config() -> ml_collections.ConfigDict:
         eval_prompts=8,  # held-out prompts for the acceptance estimate
         max_new_tokens=192,
         temperatures=(0.0, 1.0),  # answers are generated at these temperatures, in equal shares (greedy and RL's)
+        eval_temperatures=(0.0, 0.7, 1.0),  # held-out acceptance at these (and 1 - TV at the non-zero ones)
         gen_batch=32,
         steps=400,
         batch_size=8,

@@ -265,6 +265,8 @@ def warmup_spec(config) -> WarmupSpec:
                                     "batch_size", "seq_len"), 1)
     if not w.temperatures or any(float(t) < 0 for t in w.temperatures):
         raise ConfigError(f"drafter.warmup.temperatures must be non-negative values, got {w.temperatures}")
+    if not w.eval_temperatures or any(float(t) < 0 for t in w.eval_temperatures):
+        raise ConfigError(f"drafter.warmup.eval_temperatures must be non-negative values, got {w.eval_temperatures}")
     if float(w.lr) <= 0 or float(w.time_budget_s) <= 0:
         raise ConfigError("drafter.warmup.lr and drafter.warmup.time_budget_s must be positive")
     if float(w.weight_decay) < 0 or float(w.feature_noise) < 0:
@@ -278,7 +280,8 @@ def warmup_spec(config) -> WarmupSpec:
                       feature_noise=float(w.feature_noise), time_budget_s=float(w.time_budget_s),
                       data_seed=int(w.data_seed), draft_vocab=int(config.drafter.draft_vocab),
                       seed=int(config.seed), dist_temperature=float(config.rollout.temperature),
-                      dist_weight=dist_weight(config))
+                      dist_weight=dist_weight(config),
+                      eval_temperatures=tuple(float(t) for t in w.eval_temperatures))
 
 
 def _check_rl(config) -> None:

@@ -43,7 +43,6 @@ from tlt_jax.rollout.speculative import SpeculativeSpec
 from tlt_jax.rollout.tree import SpecStrategy
 
 DATA_VERSION = 2  # bumped when the prompt generator changes: cached answers of another version are not reused
-EVAL_TEMPERATURES = (0.0, 0.7, 1.0)  # held-out acceptance at these; 1 - TV at the non-zero ones
 
 
 class WarmupSpec(NamedTuple):
@@ -66,6 +65,7 @@ class WarmupSpec(NamedTuple):
     seed: int = 0
     dist_temperature: float = 0.0  # the loss's distribution term at this temperature (the rollout's; 0: off)
     dist_weight: float = 0.0
+    eval_temperatures: Tuple[float, ...] = (0.0, 0.7, 1.0)  # held-out acceptance at these; 1 - TV at the non-zero
 
 
 def build_prompts(tokenizer, n: int, seed: int, system: Optional[str]) -> List[List[int]]:
@@ -219,7 +219,7 @@ def warm_up_drafter(model: Decoder, tokenizer, spec: WarmupSpec, *, out: str, st
     log(f"[warmup] 4/4 held-out acceptance on {len(eval_prompts)} unseen prompts (chain-4)")
     extra = {"steps": step, "train_top1": hist[-1]["top1"] if hist else None, "response_tokens": n_resp}
     answers = {}
-    for temp in EVAL_TEMPERATURES:
+    for temp in spec.eval_temperatures:
         rollout = RolloutSpec(max_new_tokens=spec.max_new_tokens, stop_tokens=tuple(stops), chunk_steps=16,
                               sampling=SamplingParams(temperature=temp))
         speculation = SpeculativeSpec(SpecStrategy(depth=4), rule="sampled" if temp > 0 else "target_only")
@@ -229,8 +229,9 @@ def warm_up_drafter(model: Decoder, tokenizer, spec: WarmupSpec, *, out: str, st
         extra[f"accept_len_chain4_t{temp:g}"] = res.accept_len
         log(f"  T={temp:g} ({speculation.rule}): acceptance length {res.accept_len:.2f} tokens per target forward "
             f"({int(res.lengths.sum())} tokens)")
-    extra["accept_len_chain4_greedy"] = extra["accept_len_chain4_t0"]
-    for temp in EVAL_TEMPERATURES[1:]:
+    if 0.0 in spec.eval_temperatures:
+        extra["accept_len_chain4_greedy"] = extra["accept_len_chain4_t0"]
+    for temp in [t for t in spec.eval_temperatures if t > 0]:
         tokens, valid, loss_mask = pack(eval_prompts, answers[temp], spec.seq_len, pad)
         feats = feats_fn(target_params, tokens, valid)
         overlap = float(distribution_overlap(drafter, model, jnp.asarray(tokens), feats, jnp.asarray(loss_mask), temp))
