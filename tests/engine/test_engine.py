@@ -70,6 +70,10 @@ def test_compaction_and_arms_keep_greedy_outputs(setup, replicas, ndev, tensor):
         assert min(buckets) < eng.top_bucket  # rows were compacted into smaller buckets
         arms = {d[4] for d in out.decisions if d[2] == "rollout" and d[3] <= 2}
         assert len(arms) >= 2  # speculation arms were tried below the threshold
+        # where speculation ran and what it gained (the per-step metrics): tokens/s per bucket:arm, time share
+        rates = out.stats["arm_tok_s"]
+        assert set(rates) == set(out.stats["arm_chunks"]) and all(v >= 0 for v in rates.values())
+        assert 0 < out.stats["spec_time_share"] < 1  # plain decoding above the threshold, speculation below
     assert out.stats["pool_programs"] <= eng.pool.max_programs
     if replicas > 1:  # a program the other replica already had was relocated, not compiled
         assert out.stats["pool_relocations"] > 0

@@ -18,10 +18,10 @@ TINY_RL = ["model.arch.vocab_size=49152", "model.tokenizer=embedded:smollm2", "r
 
 def test_step_line_is_strict_json():
     out = step_line({"step": 3, "drafter_loss": float("nan"), "reward_mean": 0.123456,
-                     "arm_chunks": {"8:plain": 2}})
+                     "arm_chunks": {"8:plain": 2}, "arm_tok_s": {"8:plain": 12.345678}})
     assert out.startswith("[tlt] step 3: ") and out.endswith("\n")
     assert strict(out[len("[tlt] step 3: "):]) == {"drafter_loss": None, "reward_mean": 0.1235,
-                                                   "arm_chunks": {"8:plain": 2}}
+                                                   "arm_chunks": {"8:plain": 2}, "arm_tok_s": {"8:plain": 12.3457}}
 
 
 def tiny_rl_args(*extra):

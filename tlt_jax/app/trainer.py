@@ -65,7 +65,12 @@ def load_reward_fn(name: str, format_weight: float) -> Callable:
 
 def step_line(metrics: Dict[str, Any]) -> str:
     """The per-step console line: ``[tlt] step N: `` and the step's metrics as strict JSON, floats rounded."""
-    line = json_line({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items() if k != "step"})
+    def rounded(v):
+        if isinstance(v, dict):
+            return {k: rounded(x) for k, x in v.items()}
+        return round(v, 4) if isinstance(v, float) else v
+
+    line = json_line({k: rounded(v) for k, v in metrics.items() if k != "step"})
     return f"[tlt] step {metrics['step']}: " + line
 
 

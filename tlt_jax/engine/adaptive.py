@@ -384,7 +384,8 @@ class AdaptiveEngine:
         idle = [(t_end - run.finished_at) * len(run.replica.devices) for run in runs if run.finished_at is not None]
         stats = {"phase": phase, "chunks": chunk, "rollout_s": t_end - t_start,
                  "idle_device_s": float(sum(idle)), "spot_steps": int(self._merge_sum(spot_steps).sum()),
-                 "arm_chunks": _count_arms(timeline), **{f"pool_{k}": v for k, v in self.pool.stats().items()},
+                 "arm_chunks": _count_arms(timeline), **_arm_rates(timeline),
+                 **{f"pool_{k}": v for k, v in self.pool.stats().items()},
                  **spot_metrics}
         return output_from_rows(out, prefill_s=t_prefill, decode_s=t_end - t_start - t_prefill, num_chunks=chunk,
                                 stats=stats, decisions=decisions)
@@ -415,6 +416,21 @@ class AdaptiveEngine:
             merged[k] = g[owner, np.arange(v.shape[0])]
         merged["have"] = have.any(0)
         return merged
+
+
+def _arm_rates(timeline) -> Dict[str, Any]:
+    """Where speculation ran and what it gained: the tokens per second of each (bucket, arm) over its chunks,
+    and the share of the chunks' seconds spent in speculative arms (not ``plain``)."""
+    secs: Dict[str, float] = {}
+    toks: Dict[str, float] = {}
+    for _, _, bucket, arm, s, gained in timeline:
+        k = f"{bucket}:{arm}"
+        secs[k] = secs.get(k, 0.0) + s
+        toks[k] = toks.get(k, 0.0) + gained
+    total = sum(secs.values())
+    spec = sum(v for k, v in secs.items() if not k.endswith(":plain"))
+    return {"arm_tok_s": {k: toks[k] / secs[k] for k in secs if secs[k] > 0},
+            "spec_time_share": spec / total if total > 0 else 0.0}
 
 
 def _count_arms(timeline) -> Dict[str, int]:

@@ -204,4 +204,7 @@ class RLStep:
                 if k in es:
                     metrics[k] = es[k]
             metrics["arm_chunks"] = es["arm_chunks"]
+            # where speculation ran and what it gained: tokens/s per bucket:arm, share of chunk time speculating
+            metrics["arm_tok_s"] = es["arm_tok_s"]
+            metrics["spec_time_share"] = es["spec_time_share"]
         return StepResult(metrics, res, texts, rew)
