@@ -72,22 +72,30 @@ def test_kernels_bfloat16(impl):
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=3e-2, rtol=3e-2)
 
 
-@pytest.mark.parametrize("impl", KERNELS)
-def test_kernel_in_the_verify_forward(impl):
-    """The decoder's verify forward with a kernel gives the reference logits (tiny random model)."""
+def _prefilled_tiny_model(rng):
+    """A tiny random decoder (GQA 4/2 heads) with 7-token prompts of 2 rows prefilled into a 32-slot cache:
+    (model, prompts, hidden, cache)."""
     from flax import nnx
 
     from tlt_jax.models.config import ModelConfig
-    from tlt_jax.models.decoder import Decoder, prefill, verify
+    from tlt_jax.models.decoder import Decoder, prefill
     from tlt_jax.models.kv_cache import init_cache
 
     cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                       num_kv_heads=2, head_dim=8)
     model = Decoder(cfg, nnx.Rngs(0))
-    rng = np.random.default_rng(0)
     prompts = jnp.asarray(rng.integers(1, 64, (2, 7)), jnp.int32)
-    cache = init_cache(cfg, 2, 32)
-    _, _, cache = prefill(model, prompts, jnp.ones((2, 7), bool), cache)
+    _, hidden, cache = prefill(model, prompts, jnp.ones((2, 7), bool), init_cache(cfg, 2, 32))
+    return model, prompts, hidden, cache
+
+
+@pytest.mark.parametrize("impl", KERNELS)
+def test_kernel_in_the_verify_forward(impl):
+    """The decoder's verify forward with a kernel gives the reference logits (tiny random model)."""
+    from tlt_jax.models.decoder import verify
+
+    rng = np.random.default_rng(0)
+    model, _, _, cache = _prefilled_tiny_model(rng)
     parents = jnp.asarray([[-1, 0, 0, 1, 2], [-1, 0, 1, 2, 3]], jnp.int32)
     toks = jnp.asarray(rng.integers(1, 64, (2, 5)), jnp.int32)
     depth = jnp.asarray([[0, 1, 1, 2, 2], [0, 1, 2, 3, 4]], jnp.int32)
@@ -187,18 +195,12 @@ def test_decode_and_drafter_attend_through_the_kernels(impl):
     forward give the reference's outputs with a kernel (tiny random model)."""
     from flax import nnx
 
-    from tlt_jax.models.config import ModelConfig
-    from tlt_jax.models.decoder import Decoder, decode, prefill
+    from tlt_jax.models.decoder import decode
     from tlt_jax.models.drafter import Drafter, init_drafter_cache
-    from tlt_jax.models.kv_cache import init_cache
 
-    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                      num_kv_heads=2, head_dim=8)
-    model = Decoder(cfg, nnx.Rngs(0))
     rng = np.random.default_rng(1)
-    prompts = jnp.asarray(rng.integers(1, 64, (2, 7)), jnp.int32)
-    cache = init_cache(cfg, 2, 32)
-    _, hidden, cache = prefill(model, prompts, jnp.ones((2, 7), bool), cache)
+    model, prompts, hidden, cache = _prefilled_tiny_model(rng)
+    cfg = model.cfg
     tok = jnp.asarray([3, 9], jnp.int32)
     ref = decode(model, tok, cache, attn_impl="reference")
     out = decode(model, tok, cache, attn_impl=impl)
