@@ -1,6 +1,7 @@
 import glob
 import os
 
+import numpy as np
 import pytest
 
 from tlt_jax.app.config import CONFIG_DIR, load_config, split_config_args
@@ -11,7 +12,8 @@ ALL = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(CONFIG_DIR
 
 
 def test_all_configs_present():
-    assert {"tiny", "smollm2_135m", "qwen2_5_7b", "r1_distill_qwen_7b", "qwen2_5_32b", "llama3_3_70b"} <= set(ALL)
+    assert {"tiny", "smollm2_135m", "qwen2_5_7b", "r1_distill_qwen_7b", "qwen2_5_32b", "llama3_3_70b", "qwen3_0_6b",
+            "qwen3_1_7b", "qwen3_4b", "qwen3_8b"} <= set(ALL)
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -50,3 +52,24 @@ def test_bad_overrides(override, message):
 def test_unknown_config_file():
     with pytest.raises(ConfigError, match="known configs"):
         load_config("no_such_config")
+
+
+@pytest.mark.parametrize("name,total,non_embedding", [
+    ("qwen3_0_6b", 0.60e9, 0.44e9), ("qwen3_1_7b", 1.7e9, 1.4e9), ("qwen3_4b", 4.0e9, 3.6e9),
+    ("qwen3_8b", 8.2e9, 6.95e9)])
+def test_qwen3_configs_have_the_published_sizes(name, total, non_embedding):
+    """Weight-free (tlt-inspect's abstract model): the parameter counts the model cards state, q/k norms included."""
+    import jax
+    from jax.sharding import Mesh
+
+    from tlt_jax.app.inspect import inspect_config
+    from tlt_jax.app.specs import model_config
+
+    config = load_config(name)
+    cfg = model_config(config)
+    assert cfg.architecture == "qwen3" and cfg.qk_norm and not cfg.qkv_bias and cfg.head_dim == 128
+    report = inspect_config(config, Mesh(np.asarray(jax.devices()[:1]), ("fsdp",)))
+    n = report["num_params"]
+    assert n == cfg.num_params()
+    embed = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_embeddings else 2)
+    assert abs(n - total) < 0.02 * total and abs(n - embed - non_embedding) < 0.02 * non_embedding, n

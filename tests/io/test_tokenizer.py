@@ -48,3 +48,16 @@ def test_gguf_tokenizer_matches_transformers(tmp_path, monkeypatch):
     assert chat_prompt_ids(ours, texts[:2]) == chat_prompt_ids(ref, texts[:2])
     assert (ours.eos_token_id, ours.bos_token_id, ours.pad_token_id) == (ref.eos_token_id, ref.bos_token_id,
                                                                         ref.pad_token_id)
+
+
+def test_enable_thinking_reaches_the_chat_template():
+    """data.enable_thinking is the template's switch (Qwen3 writes an empty think block when it is off); a template
+    without the switch gives the same prompt either way."""
+    tok = load_tokenizer("embedded:smollm2")
+    plain = chat_prompt_ids(tok, ["What is 2 + 2?"])
+    assert chat_prompt_ids(tok, ["What is 2 + 2?"], enable_thinking=False) == plain
+    tok.chat_template = ("{% for m in messages %}{{ m['content'] }}{% endfor %}{% if enable_thinking is defined "
+                         "and enable_thinking is false %}<think>\n\n</think>{% endif %}")
+    on = chat_prompt_ids(tok, ["What is 2 + 2?"], enable_thinking=True)[0]
+    off = chat_prompt_ids(tok, ["What is 2 + 2?"], enable_thinking=False)[0]
+    assert tok.decode(off) == tok.decode(on) + "<think>\n\n</think>"

@@ -98,3 +98,17 @@ def test_rotary_permutation_inverse():
     permuted = w.reshape(n_head, 2, d // 2, cols).swapaxes(1, 2).reshape(n_head * d, cols)
     np.testing.assert_array_equal(undo_rotary_permutation(permuted, n_head), w)
     assert not np.array_equal(permuted, w)
+
+
+def test_qwen3_checkpoint_without_qk_norms(tmp_path):
+    """A Qwen3 checkpoint whose per-head q/k norms are missing (e.g. a Qwen2 file relabelled) is refused, naming
+    the tensor."""
+    import safetensors.numpy
+
+    d = tmp_path / "qwen3"
+    make_tiny_checkpoint(str(d), "qwen3", tie=True)
+    tensors = safetensors.numpy.load_file(str(d / "model.safetensors"))
+    safetensors.numpy.save_file({k: v for k, v in tensors.items() if "q_norm" not in k and "k_norm" not in k},
+                                str(d / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"model\.layers\.0\.self_attn\.(q|k)_norm\.weight .* is missing"):
+        load_checkpoint(str(d))

@@ -1,4 +1,4 @@
-"""Tiny random Llama / Qwen2 checkpoints written with transformers, for parity tests."""
+"""Tiny random Llama / Qwen2 / Qwen3 checkpoints written with transformers, for parity tests."""
 
 import torch
 import transformers
@@ -19,6 +19,10 @@ def make_tiny_checkpoint(path, arch: str, *, tie: bool, seed: int = 0, llama3_ro
     elif arch == "qwen2":
         cfg = transformers.Qwen2Config(rope_parameters={"rope_type": "default", "rope_theta": 1e6}, **common)
         model = transformers.Qwen2ForCausalLM(cfg)
+    elif arch == "qwen3":  # per-head q/k norms, no qkv bias, head_dim (24) not hidden / heads (16)
+        cfg = transformers.Qwen3Config(rope_parameters={"rope_type": "default", "rope_theta": 1e6}, head_dim=24,
+                                       **common)
+        model = transformers.Qwen3ForCausalLM(cfg)
     else:
         raise ValueError(arch)
     # Larger weights than the default init so logits are spread out (no near-ties in greedy tests).

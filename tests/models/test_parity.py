@@ -1,4 +1,4 @@
-"""Parity with transformers (PyTorch) on tiny random Llama / Qwen2 checkpoints, float32, 1e-4."""
+"""Parity with transformers (PyTorch) on tiny random Llama / Qwen2 / Qwen3 checkpoints, float32, 1e-4."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +16,7 @@ CASES = {
     "llama_tied": dict(arch="llama", tie=True),
     "qwen2_untied": dict(arch="qwen2", tie=False),
     "llama3_rope": dict(arch="llama", tie=False, llama3_rope=True),
+    "qwen3_tied": dict(arch="qwen3", tie=True),
 }
 
 
@@ -38,6 +39,8 @@ def test_config_imported(pair):
     assert cfg.tie_embeddings == CASES[name]["tie"]
     assert cfg.qkv_bias == (CASES[name]["arch"] == "qwen2")
     assert (cfg.rope_scaling is not None) == CASES[name].get("llama3_rope", False)
+    assert cfg.qk_norm == (CASES[name]["arch"] == "qwen3")
+    assert cfg.head_dim == (24 if cfg.qk_norm else 16)
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -113,3 +116,41 @@ def test_hidden_states_match(pair):
     with torch.no_grad():
         ref = hf(torch.tensor(seq[None]), output_hidden_states=True).hidden_states[-1][0].numpy()
     np.testing.assert_allclose(np.asarray(hidden[0]), ref, atol=TOL, rtol=0)
+
+
+def test_greedy_answers_match_generate(pair):
+    """Greedy answers of our rollout equal transformers' greedy ``generate`` (12 new tokens, two prompts)."""
+    from tlt_jax.rollout import RolloutSpec, generate
+
+    _, hf, cfg, model = pair
+    rng = np.random.RandomState(4)
+    prompts = [rng.randint(0, cfg.vocab_size, n).tolist() for n in (5, 9)]
+    out = generate(model, prompts, RolloutSpec(max_new_tokens=12, chunk_steps=4))
+    for p, ours in zip(prompts, out.tokens):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, eos_token_id=None,
+                              pad_token_id=0)[0, len(p):].tolist()
+        assert list(ours) == ref
+
+
+def test_the_eagle_drafter_serves_a_qwen3_target(pair):
+    """The drafter's layer follows the target's architecture (q/k norms for Qwen3): speculation with it, a chain
+    and a tree, gives the plain greedy answers."""
+    name, _, cfg, model = pair
+    if cfg.architecture != "qwen3":
+        pytest.skip("the Qwen3 case")
+    from flax import nnx
+
+    from tlt_jax.models.drafter import Drafter
+    from tlt_jax.rollout import RolloutSpec, SpeculativeSpec, SpecStrategy, generate
+
+    drafter = Drafter(cfg, nnx.Rngs(0))
+    assert drafter.layer.self_attn.q_norm.weight.shape == (cfg.head_dim,)
+    rng = np.random.RandomState(5)
+    prompts = [rng.randint(0, cfg.vocab_size, n).tolist() for n in (6, 11)]
+    spec = RolloutSpec(max_new_tokens=16, chunk_steps=4)
+    plain = generate(model, prompts, spec)
+    for strategy in ("chain-3", "3_2_6"):
+        out = generate(model, prompts, spec, speculation=SpeculativeSpec(SpecStrategy.parse(strategy)),
+                       drafter=drafter)
+        assert out.tokens == plain.tokens, strategy

@@ -38,6 +38,23 @@ def arch_dict(**kw) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(base)
 
 
+def qwen3_config(name: str, checkpoint: str, **arch) -> ml_collections.ConfigDict:
+    """A dense Qwen3 model's config (``configs/qwen3_*.py``): the family's shared architecture (per-head q/k
+    RMSNorm, no qkv bias, head_dim 128, vocabulary 151936, RoPE theta 1e6, 40960 positions), bfloat16, the
+    model's published sizes in ``arch``."""
+    c = base_config()
+    c.name = name
+    c.model.checkpoint = checkpoint
+    c.model.param_dtype = "bfloat16"
+    c.model.dtype = "bfloat16"
+    c.model.arch = arch_dict(**{**dict(architecture="qwen3", vocab_size=151936, head_dim=128, rope_theta=1e6,
+                                       rms_norm_eps=1e-6, qkv_bias=False, qk_norm=True,
+                                       max_position_embeddings=40960), **arch})
+    c.rollout.stop_strings = ("<|im_end|>",)
+    c.train.remat = True
+    return c
+
+
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.name = "base"
@@ -141,6 +158,7 @@ def base_config() -> ml_collections.ConfigDict:
         mean_terms=2.0,  # the arithmetic task's mean number of terms (answer lengths grow with it)
         seed=0,
         shuffle=True,  # reshuffled every epoch (seeded)
+        enable_thinking=True,  # the chat template's thinking switch (Qwen3; other templates ignore it)
     ))
     c.rl = ml_collections.ConfigDict(dict(
         steps=10,

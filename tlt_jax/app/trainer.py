@@ -158,7 +158,8 @@ class Trainer:
         if not examples:
             raise DataError(f"data source {d.source!r} gave no examples")
         questions = [with_instruction(q, d.instruction) for q, _ in examples]
-        ids = chat_prompt_ids(self.tokenizer, questions, c.job.system_prompt or None)
+        ids = chat_prompt_ids(self.tokenizer, questions, c.job.system_prompt or None,
+                              enable_thinking=bool(c.data.enable_thinking))
         limit = int(c.rollout.max_prompt_len)
         keep = [i for i, p in enumerate(ids) if len(p) <= limit]
         if not keep:

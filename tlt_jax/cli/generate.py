@@ -52,7 +52,8 @@ def run(config, args) -> int:
     messages = args.prompt or list(config.job.prompts)
     if not messages:
         raise ConfigError("no prompts: pass --prompt or set job.prompts")
-    prompts = chat_prompt_ids(tokenizer, messages, config.job.system_prompt or None)
+    prompts = chat_prompt_ids(tokenizer, messages, config.job.system_prompt or None,
+                              enable_thinking=bool(config.data.enable_thinking))
     too_long = [len(p) for p in prompts if len(p) > r.max_prompt_len]
     if too_long:
         raise ConfigError(f"a prompt has {max(too_long)} tokens > rollout.max_prompt_len={r.max_prompt_len}")

@@ -76,15 +76,18 @@ def tokenizer_from_gguf(path: str):
     return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, **tokenizer_config, **extra)
 
 
-def chat_prompt_ids(tokenizer, user_messages: Sequence[str], system: Optional[str] = None) -> List[List[int]]:
-    """Token ids of single-turn chat prompts with the generation prompt appended."""
+def chat_prompt_ids(tokenizer, user_messages: Sequence[str], system: Optional[str] = None,
+                    enable_thinking: bool = True) -> List[List[int]]:
+    """Token ids of single-turn chat prompts with the generation prompt appended. ``enable_thinking`` goes to the
+    chat template (Qwen3's switch between thinking and direct answers; templates without it ignore it)."""
     out = []
     for msg in user_messages:
         conv: List[Dict[str, str]] = []
         if system is not None:
             conv.append({"role": "system", "content": system})
         conv.append({"role": "user", "content": msg})
-        ids = tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=True)
+        ids = tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=True,
+                                            enable_thinking=bool(enable_thinking))
         if not isinstance(ids, list):
             ids = ids["input_ids"]
         out.append(list(ids))

@@ -1,4 +1,4 @@
-"""Architecture description of a decoder-only model (Llama and Qwen2 families)."""
+"""Architecture description of a decoder-only model (Llama, Qwen2 and dense Qwen3 families)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from tlt_jax.core.errors import ConfigError, UnsupportedModelError
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
 _DTYPES = {
     "float32": jnp.float32,
@@ -55,6 +55,7 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     tie_embeddings: bool = True
     qkv_bias: bool = False
+    qk_norm: bool = False  # Qwen3: an RMSNorm over head_dim on each query and key head, before RoPE
     max_position_embeddings: int = 4096
     param_dtype: str = "float32"
     dtype: str = "float32"
@@ -92,7 +93,8 @@ class ModelConfig:
         h, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
         q = self.num_heads * self.head_dim
         kv = self.num_kv_heads * self.head_dim
-        attn = h * q + 2 * h * kv + q * h + (q + 2 * kv if self.qkv_bias else 0)
+        attn = h * q + 2 * h * kv + q * h + (q + 2 * kv if self.qkv_bias else 0) + (2 * self.head_dim if self.qk_norm
+                                                                                     else 0)
         block = attn + 3 * h * f + 2 * h
         return v * h * (1 if self.tie_embeddings else 2) + self.num_layers * block + h
 
@@ -106,8 +108,8 @@ def model_config_from_hf(cfg: Mapping[str, Any], **overrides) -> ModelConfig:
     if model_type not in SUPPORTED_ARCHITECTURES:
         raise UnsupportedModelError(
             f"model_type {model_type!r} is not supported (supported: {SUPPORTED_ARCHITECTURES})")
-    if model_type == "qwen2" and cfg.get("use_sliding_window", False):
-        raise UnsupportedModelError("Qwen2 with use_sliding_window=True is not supported")
+    if model_type in ("qwen2", "qwen3") and cfg.get("use_sliding_window", False):
+        raise UnsupportedModelError(f"{model_type} with use_sliding_window=True is not supported")
     if cfg.get("mlp_bias", False):
         raise UnsupportedModelError("Llama with mlp_bias=True is not supported")
     hidden_act = cfg.get("hidden_act", "silu")
@@ -146,6 +148,7 @@ def model_config_from_hf(cfg: Mapping[str, Any], **overrides) -> ModelConfig:
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         qkv_bias=qkv_bias,
+        qk_norm=model_type == "qwen3",
         max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
     )
     kw.update(overrides)

@@ -83,18 +83,29 @@ class Attention(nnx.Module):
         self.k_proj = _linear(cfg, h, cfg.num_kv_heads * d, cfg.qkv_bias, rngs)
         self.v_proj = _linear(cfg, h, cfg.num_kv_heads * d, cfg.qkv_bias, rngs)
         self.o_proj = _linear(cfg, cfg.num_heads * d, h, False, rngs)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps, cfg.jnp_param_dtype)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps, cfg.jnp_param_dtype)
         self.cfg = cfg
+
+    def project(self, x, positions, inv_freq):
+        """Queries, keys and values [B, T, heads, D] of ``x`` [B, T, H]; queries and keys normalised per head
+        (Qwen3) and rotated."""
+        cfg = self.cfg
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, cfg.num_heads, cfg.head_dim)
+        k = self.k_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        v = self.v_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
 
     def __call__(self, x, positions, new_mask, k_cache, v_cache, prefix_len, inv_freq, attend_len, impl,
                  write_slots, read_cache):
         """Returns (output, k_new, v_new, k_cache', v_cache') with the new tokens written if write_slots."""
         cfg = self.cfg
         b, t, _ = x.shape
-        q = self.q_proj(x).reshape(b, t, cfg.num_heads, cfg.head_dim)
-        k = self.k_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-        v = self.v_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-        q = apply_rope(q, positions, inv_freq)
-        k = apply_rope(k, positions, inv_freq)
+        q, k, v = self.project(x, positions, inv_freq)
         if write_slots is not None and read_cache and t == 1:
             # Decode: write first, then attend over the cache alone. The cache buffer then has a single
             # user (the in-place scatter) and is never copied; the new slot must be prefix_len (or dropped).

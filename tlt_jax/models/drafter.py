@@ -25,7 +25,7 @@ from flax import nnx
 
 from kernels_pallas.attention import cached_attention
 from tlt_jax.models.config import ModelConfig
-from tlt_jax.models.decoder import MLP, Attention, Decoder, RMSNorm, write_kv, apply_rope, rope_inv_freq
+from tlt_jax.models.decoder import MLP, Attention, Decoder, RMSNorm, rope_inv_freq, write_kv
 from tlt_jax.models.kv_cache import KVCache, init_cache
 
 F32 = jnp.float32
@@ -140,12 +140,7 @@ class Drafter(nnx.Module):
         x = jnp.concatenate([target.embed(tokens).astype(cfg.jnp_dtype), feats.astype(cfg.jnp_dtype)], axis=-1)
         x = self.fc(x)
         attn = self.layer.self_attn
-        inv_freq = rope_inv_freq(cfg)
-        q = attn.q_proj(x).reshape(b, t, cfg.num_heads, cfg.head_dim)
-        k = attn.k_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-        v = attn.v_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-        q = apply_rope(q, positions, inv_freq)
-        k = apply_rope(k, positions, inv_freq)
+        q, k, v = attn.project(x, positions, rope_inv_freq(cfg))
         keys, vals = k, v
         if extra_kv is not None:
             keys = jnp.concatenate([extra_kv[0].astype(k.dtype), k], axis=1)
