@@ -69,11 +69,7 @@ def _devices(target: str):
         return chips.compile_only_devices(target)
     if not chips.tpu_compiler_available():
         raise RuntimeError("the h100 projection takes its counts from XLA:TPU: pip install -e '.[tpu]'")
-    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-    from jax.experimental import topologies
-
-    return list(topologies.get_topology_desc(H100_COUNTS_FROM, "tpu").devices)
+    return list(chips.tpu_topology(H100_COUNTS_FROM).devices)
 
 
 def _compile_scaled(build, config, layers: int):

@@ -1,4 +1,4 @@
-"""Weight import: Hugging Face safetensors directories (Llama, Qwen2) and GGUF files (Llama).
+"""Weight import: Hugging Face safetensors directories (Llama, Qwen2, Qwen3) and GGUF files (Llama).
 
 Tensors are read lazily (memory-mapped) and placed one by one into an abstract NNX state, optionally with
 a sharding per parameter, so a large checkpoint never needs a random init or a second host copy.
@@ -159,7 +159,7 @@ def build_model(cfg: ModelConfig, fetch: Callable[[str, Tuple[int, ...]], np.nda
 
 def load_hf_checkpoint(path: str, *, param_dtype: str = "float32", dtype: str = "float32",
                        shardings_fn=None) -> Tuple[ModelConfig, Decoder]:
-    """Loads a Llama / Qwen2 safetensors directory. ``shardings_fn(cfg)`` may return per-path shardings."""
+    """Loads a Llama / Qwen2 / Qwen3 safetensors directory. ``shardings_fn(cfg)`` may return per-path shardings."""
     hf = read_hf_config(path)
     cfg = model_config_from_hf(hf, param_dtype=param_dtype, dtype=dtype)
     tensors = _open_safetensors_dir(path)

@@ -65,9 +65,16 @@ def compile_only_devices(target: str) -> List[jax.Device]:
                          f"jax.export(..., platforms=['cuda'])")
     if not tpu_compiler_available():
         raise RuntimeError(f"compiling for {target} needs libtpu: pip install -e '.[tpu]'")
+    return list(tpu_topology(c.topology).devices)
+
+
+def tpu_topology(name: str):
+    """The compile-only topology ``name`` (e.g. ``v5e:2x4``)."""
     # libtpu reads these when it builds the topology; on a host without a TPU they cannot be discovered
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    # no chip to guard: several processes (a test and the command it starts, pytest workers) may load libtpu
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies
 
-    return list(topologies.get_topology_desc(c.topology, "tpu").devices)
+    return topologies.get_topology_desc(name, "tpu")
