@@ -32,7 +32,7 @@ setup(
         # compile for TPU on any host: the libtpu build of this JAX gives compile-only TPU devices (tests: tpu_aot)
         "tpu": ["libtpu==0.0.42.*"],
         # compile the GPU kernel's Triton IR for sm_90 offline (tests: cuda_lower)
-        "cuda_lower": ["triton==3.9.0"],
+        "cuda": ["triton==3.9.0"],
     },
     entry_points={
         "console_scripts": [

@@ -3,7 +3,7 @@
 ``export_cuda(fn, *args)`` lowers a jitted function for the ``cuda`` platform with ``jax.export`` (the Pallas
 Triton kernel becomes a ``__gpu$xla.gpu.triton`` custom call carrying the kernel's Triton IR);
 ``triton_kernels(exported)`` reads those kernels back; ``compile_sm90(kernel)`` compiles one with the ``triton``
-wheel (the ``cuda_lower`` extra) for an H100 (sm_90) and reports what ptxas allocated: registers per thread,
+wheel (the ``cuda`` extra) for an H100 (sm_90) and reports what ptxas allocated: registers per thread,
 spilled bytes (local memory) and shared memory. This is how the kernel's launch parameters are checked at paper
 shapes on a host without a GPU.
 """

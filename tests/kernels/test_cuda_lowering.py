@@ -10,7 +10,7 @@ from kernels_pallas.attention import cuda_offline
 
 pytestmark = pytest.mark.cuda_lower
 needs_triton = pytest.mark.skipif(not cuda_offline.triton_available(), reason="the triton wheel is not installed "
-                                  "(pip install -e '.[cuda_lower]')")
+                                  "(pip install -e '.[cuda]')")
 
 
 def _args(b, t, nh, kvh, d, s, dtype=jnp.bfloat16):
