@@ -152,8 +152,11 @@ def compile_logprob(config, devices: Sequence[jax.Device], rows: int, prompt_len
                   tokens_per_row=prompt_len + answer_len)
 
 
-def _replica(config, devices):
-    return make_replicas(int(config.tlt.replicas), devices, int(config.tlt.replica_tensor))[0]
+def _replica_policy(config, devices):
+    """(ModelConfig, graphdef, abstract policy laid out on the replica, replica 0 of the config's replicas)."""
+    cfg, graphdef, params = abstract_policy(config)
+    replica = make_replicas(int(config.tlt.replicas), devices, int(config.tlt.replica_tensor))[0]
+    return cfg, graphdef, _with_sharding(params, tree_shardings(params, replica.mesh)), replica
 
 
 def _rollout_spec(config, cache_len: int):
@@ -169,9 +172,7 @@ def _replica_fields(replica) -> Dict[str, Any]:
 def compile_rollout_start(config, devices: Sequence[jax.Device], bucket: int, prompt_len: int, cache_len: int
                           ) -> Dict[str, Any]:
     """The baseline rollout's prefill (prompts into a fresh cache, first token) of ``bucket`` rows on a replica."""
-    _, graphdef, params = abstract_policy(config)
-    replica = _replica(config, devices)
-    params = _with_sharding(params, tree_shardings(params, replica.mesh))
+    _, graphdef, params, replica = _replica_policy(config, devices)
     spec = _rollout_spec(config, cache_len)
     rows = replica.rows(bucket)
     args = [jax.ShapeDtypeStruct((bucket, prompt_len), jnp.int32, sharding=rows),
@@ -186,9 +187,7 @@ def compile_rollout_start(config, devices: Sequence[jax.Device], bucket: int, pr
 
 def compile_decode_chunk(config, devices: Sequence[jax.Device], bucket: int, cache_len: int) -> Dict[str, Any]:
     """The baseline rollout's chunk of ``rollout.chunk_steps`` plain decode steps for ``bucket`` rows."""
-    _, graphdef, params = abstract_policy(config)
-    replica = _replica(config, devices)
-    params = _with_sharding(params, tree_shardings(params, replica.mesh))
+    _, graphdef, params, replica = _replica_policy(config, devices)
     spec = _rollout_spec(config, cache_len)
     toks = jax.ShapeDtypeStruct((bucket, 8), jnp.int32)
     state = jax.eval_shape(lambda p, t, v, m, k: start_rollout(p, t, v, m, k, graphdef=graphdef, spec=spec,
@@ -234,9 +233,7 @@ def compile_step(config, devices: Sequence[jax.Device], bucket: int, tokens: int
                  ) -> Dict[str, Any]:
     """One target forward on a replica over a cache of ``cache_len`` slots: a decode step (``tokens`` = 1, the
     token written to the cache) or the verification of a chain of ``tokens`` drafted tokens (read-only)."""
-    cfg, graphdef, params = abstract_policy(config)
-    replica = _replica(config, devices)
-    params = _with_sharding(params, tree_shardings(params, replica.mesh))
+    cfg, graphdef, params, replica = _replica_policy(config, devices)
     impl = config.model.attn_impl
     cache = jax.eval_shape(lambda: init_cache(cfg, bucket, cache_len))
     cache = _with_sharding(cache, replica.state_shardings({"cache": cache})["cache"])
