@@ -37,6 +37,7 @@ setup(
     entry_points={
         "console_scripts": [
             "tlt-aot=tlt_jax.cli.aot:main",
+            "tlt-eval=tlt_jax.cli.evaluate:main",
             "tlt-export-drafter=tlt_jax.cli.export_drafter:main",
             "tlt-generate=tlt_jax.cli.generate:main",
             "tlt-inspect=tlt_jax.cli.inspect_model:main",

@@ -108,6 +108,15 @@ def test_a_short_run_logs_checkpoints_and_plots(tmp_path):
     assert rc == 0, err[-3000:]
     assert "resumed from" in out
     assert [json.loads(x)["step"] for x in open(os.path.join(wd, "metrics.jsonl"))] == [1, 2, 3, 4]
+    # tlt-eval of the newest checkpoint through the run's own rollout (the adaptive engine, the run's drafter)
+    p = run_command("tlt_jax.cli.evaluate", tiny_rl_args(*small, "eval.limit=2", "eval.samples=2")
+                    + ["--checkpoint", wd, "--no-progress"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    line = [ln for ln in p.stdout.splitlines() if ln.startswith("[tlt] eval step 4: ")][0]
+    summary = strict(line[len("[tlt] eval step 4: "):])
+    assert summary["problems"] == 2 and summary["accept_len"] >= 1.0 and 0 <= summary["pass@2"] <= 1
+    assert len(open(os.path.join(wd, "eval", "4.jsonl")).readlines()) == 2
+    assert os.path.exists(os.path.join(wd, "plots", "eval.png"))
 
 
 def test_baseline_switch_runs_plain_rollouts(tmp_path):

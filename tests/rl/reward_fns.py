@@ -15,3 +15,13 @@ def nan_rewards(answers, golds, finished):
     return [float("nan")] * len(answers)
 
 
+
+
+def parity_correct(answers, golds, finished):
+    """Correct when the answer's length in characters is even: gives the evaluation tests a mix of correct and
+    wrong answers from a random tiny model (whose answers rarely finish)."""
+    from tlt_jax.rl.rewards import RewardOutput
+
+    correct = [len(a) % 2 == 0 for a in answers]
+    formatted = [bool(f) for f in finished]
+    return RewardOutput([float(c) for c in correct], correct, formatted, 0)

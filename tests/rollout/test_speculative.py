@@ -125,7 +125,8 @@ def _prompts(vocab, sizes, seed=0):
 def test_greedy_speculative_equals_plain_float64():
     """Float64: greedy speculation (a chain and a tree with the warmed drafter, a chain with a bad one, n-gram,
     group and hybrid proposers, and the engine's plain arm) == plain greedy decoding, including rows that stop on
-    a stop token or their own length limit inside an accepted run. Rows 1 and 4 share a prompt (a group: each drafts from the other)."""
+    a stop token or their own length limit inside an accepted run. Rows 1 and 4 share a prompt (a group: each
+    drafts from the other)."""
     with jax.enable_x64(True):
         model = _tiny("float64", seed=1)
         prompts = _prompts(model.cfg.vocab_size, (3, 7, 12, 5))

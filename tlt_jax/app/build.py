@@ -1,4 +1,5 @@
-"""Factories: the things a config names, loaded and wired (model, tokenizer, drafter, rollout).
+"""Factories: the things a config names, loaded and wired (model, tokenizer, task prompts, reward function,
+drafter, rollout). Training and evaluation build theirs here, so both run the same rollout path.
 
 Everything here reads the config through ``app.specs`` (typed, checked specs) and hands plain objects to the
 layers below, which never see a ConfigDict.
@@ -7,9 +8,9 @@ layers below, which never see a ConfigDict.
 from __future__ import annotations
 
 import dataclasses
-
+import importlib
 import os
-from typing import Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
@@ -17,15 +18,19 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from tlt_jax.app import specs
-from tlt_jax.core.errors import CheckpointError, ConfigError
+from tlt_jax.core.errors import CheckpointError, ConfigError, DataError
 from tlt_jax.core.seeds import stream_seed
+from tlt_jax.data.loader import load_examples, with_instruction
+from tlt_jax.drafter.online import OnlineDrafter
+from tlt_jax.engine.adaptive import AdaptiveEngine
 from tlt_jax.io.drafter import load_drafter
-from tlt_jax.io.tokenizer import cache_root, load_tokenizer, stop_token_ids
+from tlt_jax.io.tokenizer import cache_root, chat_prompt_ids, load_tokenizer, stop_token_ids
 from tlt_jax.io.weights import load_checkpoint
 from tlt_jax.models.config import ModelConfig
 from tlt_jax.models.decoder import Decoder
 from tlt_jax.models.drafter import Drafter
 from tlt_jax.parallel.sharding import param_shardings, shard_model
+from tlt_jax.rl.rewards import math_rewards
 from tlt_jax.rollout.decode import RolloutSpec
 from tlt_jax.rollout import host
 from tlt_jax.rollout.speculative import SpeculativeSpec
@@ -113,3 +118,98 @@ def fixed_rollout(config, graphdef, model_cfg: ModelConfig, spec: RolloutSpec, *
 def one_device_mesh() -> Mesh:
     """A mesh of this process's first device (a rollout that every process runs whole)."""
     return Mesh(np.asarray(jax.local_devices()[:1]), ("data",))
+
+
+# ------------------------------------------------------------------------------------------------ task, reward
+
+
+def task_prompts(config, tokenizer, source: Dict[str, Any], log: Callable[[str], None] = print,
+                 what: str = "data") -> Tuple[List[List[int]], List[str], List[str]]:
+    """(prompt token ids, question texts, gold answers) of a data source (``specs.data_source`` or
+    ``specs.eval_source``), as chat prompts; prompts longer than ``rollout.max_prompt_len`` are skipped
+    (and counted in a log line). ``what`` names the config section in messages."""
+    kw = {k: v for k, v in source.items() if k != "instruction"}
+    try:
+        examples = load_examples(kw.pop("source"), **kw)
+    except DataError as e:
+        raise DataError(f"{what}: {e}") from None
+    if not examples:
+        raise DataError(f"{what}.source {source['source']!r} gave no examples")
+    questions = [with_instruction(q, source["instruction"]) for q, _ in examples]
+    ids = chat_prompt_ids(tokenizer, questions, config.job.system_prompt or None,
+                          enable_thinking=bool(config.data.enable_thinking))
+    limit = int(config.rollout.max_prompt_len)
+    keep = [i for i, p in enumerate(ids) if len(p) <= limit]
+    if not keep:
+        raise DataError(f"every {what} prompt is longer than rollout.max_prompt_len={limit} tokens")
+    if len(keep) < len(ids):
+        log(f"[tlt] skipping {len(ids) - len(keep)} of {len(ids)} {what} prompts longer than "
+            f"rollout.max_prompt_len={limit}")
+    return [ids[i] for i in keep], [questions[i] for i in keep], [examples[i].answer for i in keep]
+
+
+def reward_fn(config) -> Callable:
+    """``rl.reward``: 'math' (math-verify with ``rl.format_weight``) or 'module.path:function' (called as
+    fn(answers, golds, finished) -> RewardOutput or floats)."""
+    name, weight = config.rl.reward, float(config.rl.format_weight)
+    if name == "math":
+        def math_reward(answers, golds, finished):
+            return math_rewards(answers, golds, finished, format_weight=weight)
+        return math_reward
+    module, _, attr = name.partition(":")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"rl.reward {name!r}: cannot import {attr!r} from {module!r} ({e})") from None
+
+
+# ------------------------------------------------------------------------------------------------ TLT parts
+
+
+def online_drafter(config, model: Decoder, graphdef, model_cfg: ModelConfig, log: Callable[[str], None] = print,
+                   train: bool = True) -> Tuple[Optional[SpeculativeSpec], Optional[OnlineDrafter]]:
+    """The speculation and the drafter of a run (``tlt.*``, ``speculative.*``): (None, None) for the baseline;
+    the warmed drafter if one exists; else with spot training a fresh drafter that trains on idle replicas
+    (the model-free arms draft until it is warm), else the n-gram proposer (no drafter). ``train`` False keeps
+    the structure but builds no spot trainer (evaluation of a checkpoint)."""
+    c, t = config, config.tlt
+    if not t.enable:
+        log("[tlt] baseline: plain rollouts (tlt.enable=False)")
+        return None, None
+    spot = specs.spot_spec(c) if (t.adaptive and t.spot_training) else None
+    online = dict(target_graphdef=graphdef, spot=spot if train else None,
+                  optimizer=specs.spot_optimizer(c) if (spot and train) else None, seed=int(c.seed), log=log)
+    try:
+        speculation, drafter = speculation_from_config(c, model)
+    except CheckpointError as e:
+        reason = str(e).split(". ")[0]  # the first sentence: what is missing where
+        if spot is not None:
+            log(f"[tlt] no warmed drafter ({reason}); a fresh one trains on idle replicas "
+                f"and the model-free arms (tlt.ngram_arms) draft until it has had {spot.warm_after} updates")
+            log("[tlt] TLT: speculative rollouts, the model-free arms until the drafter is warm")
+            fresh = Drafter(model_cfg, nnx.Rngs(stream_seed(int(c.seed), "drafter_init")))
+            return specs.speculative_spec(c), OnlineDrafter(fresh, warm=False, **online)
+        speculation, drafter = ngram_fallback(c), None
+        log(f"[tlt] no warmed drafter ({reason}); the n-gram proposer drafts")
+    log(f"[tlt] TLT: speculative rollouts, {speculation.strategy.name} with the {speculation.proposer} proposer")
+    return speculation, (OnlineDrafter(drafter, warm=True, **online) if drafter is not None else None)
+
+
+def rollout(config, graphdef, model_cfg: ModelConfig, spec: RolloutSpec, *, batch_size: int,
+            speculation: Optional[SpeculativeSpec], online: Optional[OnlineDrafter], mesh: Mesh,
+            devices: Sequence[jax.Device], pool=None) -> Tuple[host.Rollout, Optional[AdaptiveEngine]]:
+    """The run's rollout for answers as ``spec`` says, and the adaptive engine if it is one: the baseline's
+    plain rollout over the training mesh (``speculation`` None); with TLT the adaptive engine over the
+    replicas (``batch_size`` rows a call; ``pool``: a program pool to share), or (``tlt.adaptive=False``) the
+    fixed strategy on one local device (every process runs the whole batch)."""
+    if speculation is None:
+        return fixed_rollout(config, graphdef, model_cfg, spec, mesh=mesh), None
+    if not config.tlt.adaptive:
+        drafter = online.drafter if online is not None else None
+        return fixed_rollout(config, graphdef, model_cfg, spec, speculation=speculation, drafter=drafter,
+                             mesh=one_device_mesh()), None
+    engine = AdaptiveEngine(graphdef, spec, specs.engine_config(config), batch_size=batch_size,
+                            cache_len=specs.fixed_cache_len(config),
+                            drafter_graphdef=online.graphdef if online is not None else None,
+                            pool=pool, devices=devices, prompt_multiple=int(config.rl.prompt_multiple))
+    return engine, engine

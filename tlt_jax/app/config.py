@@ -178,6 +178,26 @@ def base_config() -> ml_collections.ConfigDict:
         prompt_multiple=32,  # prompts are padded to a multiple of this (fewer compiled shapes)
         answer_buckets=4,  # update batches: the answer width is the smallest of cap, cap/2, ... (this many) that fits
     ))
+    # Held-out evaluation (tlt-eval, and during training every eval.every steps): the data options of `data`
+    # ('' = as data.*), sampled answers per problem at eval.temperature plus a greedy pass, through the run's
+    # rollout path (the adaptive engine with TLT, plain decoding for the baseline)
+    c.eval = ml_collections.ConfigDict(dict(
+        every=0,  # RL steps between evaluations during training (0: none; tlt-eval evaluates a checkpoint any time)
+        at_start=False,  # also evaluate the initial policy (step 0) before the first RL step
+        source="",  # '' = data.source ('arithmetic': the problems of eval.seed, not those of data.seed)
+        subset="",  # '' = data.subset
+        split="test",  # the held-out split of a hub dataset (a local file is read whole: name its own file)
+        question_field="",  # '' = data.question_field
+        answer_field="",  # '' = data.answer_field
+        answer_format="",  # '' = data.answer_format
+        limit=64,  # the first N problems (0: all)
+        samples=4,  # sampled answers per problem (mean@n, pass@k)
+        temperature=-1.0,  # < 0: rollout.temperature
+        greedy=True,  # also one greedy answer per problem (greedy_accuracy)
+        k=(),  # pass@k for these k (each <= eval.samples); () = 1 and eval.samples
+        batch_size=0,  # rows per rollout call (0: the training batch, rl.prompts_per_step x rl.group_size)
+        seed=1,  # the arithmetic task's problems and the sampling streams (the same for every evaluation)
+    ))
     c.train = ml_collections.ConfigDict(dict(
         checkpoint_every=2,  # RL steps between checkpoints (the last step is always saved)
         keep_checkpoints=2,
@@ -250,8 +270,8 @@ def _parse_value(text: str, current: Any, key: str) -> Any:
         value = float(value)
     if isinstance(current, (list, tuple)) and isinstance(value, (list, tuple)):
         return type(current)(value)
-    if isinstance(current, (list, tuple)) and isinstance(value, str):
-        return type(current)([value])
+    if isinstance(current, (list, tuple)) and not isinstance(value, (list, tuple)):
+        return type(current)([value])  # one value for a list key: --config.eval.k=8
     if type(value) is not type(current):
         raise ConfigError(f"--config.{key}: expected {type(current).__name__}, got {text!r}")
     return value

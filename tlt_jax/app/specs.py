@@ -8,12 +8,15 @@ optimisation (steps, group size, learning rate, loss), and the RL job refuses ``
 
 Builders: :func:`model_config`, :func:`mesh_sizes`, :func:`sampling_params`, :func:`rollout_spec`,
 :func:`speculative_spec`, :func:`engine_config`, :func:`grpo_config`, :func:`policy_optimizer`,
-:func:`spot_optimizer`, :func:`warmup_spec`, :func:`spot_spec`; :func:`validate` runs every check.
+:func:`spot_optimizer`, :func:`warmup_spec`, :func:`spot_spec`, :func:`data_source`, :func:`eval_source`,
+:func:`eval_settings`, :func:`eval_rollout_specs`; :func:`validate` runs every check.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+import dataclasses
+import os
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import ml_collections
 import optax
@@ -28,6 +31,7 @@ from tlt_jax.drafter.warmup import WarmupSpec
 from tlt_jax.engine.adaptive import EngineConfig
 from tlt_jax.models.config import ModelConfig, RopeScaling
 from tlt_jax.parallel.mesh import MESH_AXES
+from tlt_jax.rl.evaluation import EvalSettings
 from tlt_jax.rl.grpo import ADVANTAGES, AGGREGATIONS, GRPOConfig
 from tlt_jax.rollout.acceptance import RULES
 from tlt_jax.rollout.decode import RolloutSpec
@@ -306,6 +310,81 @@ def _check_rl(config) -> None:
                           f"group_size ({rows})")
 
 
+# ------------------------------------------------------------------------------------------------ data, evaluation
+
+DATA_FIELDS = ("source", "subset", "split", "question_field", "answer_field", "answer_format")
+
+
+def data_source(config) -> Dict[str, Any]:
+    """The training data (``data.*``) as keyword arguments of ``data.loader.load_examples``, plus the
+    ``instruction``; ``limit`` 0 for the arithmetic task means as many problems as the run's steps use."""
+    d = config.data
+    n_needed = int(config.rl.steps) * int(config.rl.prompts_per_step)
+    limit = int(d.limit) if int(d.limit) > 0 else (n_needed if d.source == "arithmetic" else 0)
+    return dict({k: d[k] for k in DATA_FIELDS}, limit=limit, seed=int(d.seed), mean_terms=float(d.mean_terms),
+                instruction=d.instruction)
+
+
+def _is_local(source: str) -> bool:
+    return os.path.splitext(source)[1].lower() in (".json", ".jsonl", ".parquet") or os.path.isdir(source)
+
+
+def eval_source(config) -> Dict[str, Any]:
+    """The held-out data (``eval.*``, '' taking ``data.*``'s value) as :func:`data_source` gives the training
+    data; an evaluation that would score the training problems is a ConfigError."""
+    e, d = config.eval, config.data
+    out = {k: (e[k] if e[k] != "" else d[k]) for k in DATA_FIELDS}
+    out["split"] = e.split
+    if out["answer_format"] not in ANSWER_FORMATS:
+        raise ConfigError(f"eval.answer_format must be one of {list(ANSWER_FORMATS)} (or '' for data.answer_format), "
+                          f"got {out['answer_format']!r}")
+    if out["source"] == "arithmetic" and int(e.seed) == int(d.seed):
+        raise ConfigError(f"eval.seed ({e.seed}) equals data.seed: the held-out arithmetic problems would be the "
+                          f"training problems; give eval.seed another value")
+    if not e.source and _is_local(d.source):
+        raise ConfigError(f"eval.source is empty, so it would be data.source {d.source!r}, a local file read whole "
+                          f"(its split is only a name): give the held-out file as eval.source")
+    if out["source"] != "arithmetic" and (out["source"], out["subset"], out["split"]) == (d.source, d.subset, d.split):
+        raise ConfigError(f"eval.source, eval.subset and eval.split name the training data ({d.source!r}, split "
+                          f"{d.split!r}); evaluate on held-out problems")
+    return dict(out, limit=int(e.limit), seed=int(e.seed), mean_terms=float(d.mean_terms), instruction=d.instruction)
+
+
+def eval_settings(config) -> EvalSettings:
+    """``eval.samples``, ``eval.k`` (default: 1 and the sample count), ``eval.greedy``, the batch and the seed."""
+    e = config.eval
+    _at_least(e, "eval", ("every", "limit", "batch_size"), 0)
+    _at_least(e, "eval", ("samples",), 1)
+    n = int(e.samples)
+    ks = tuple(int(k) for k in e.k) if len(e.k) else tuple(sorted({1, n}))
+    bad = [k for k in ks if not 1 <= k <= n]
+    if bad:
+        raise ConfigError(f"eval.k: pass@k needs 1 <= k <= eval.samples ({n}); {bad} "
+                          f"{'is' if len(bad) == 1 else 'are'} out of range (raise eval.samples or lower eval.k)")
+    batch = int(e.batch_size) or rows_per_step(config)
+    if config.tlt.enable and config.tlt.adaptive and batch % int(config.tlt.replicas):
+        raise ConfigError(f"eval.batch_size ({batch}) must split over tlt.replicas ({config.tlt.replicas})")
+    return EvalSettings(samples=n, ks=ks, greedy=bool(e.greedy), batch_size=batch, seed=int(e.seed))
+
+
+def eval_temperature(config) -> float:
+    """``eval.temperature``, or ``rollout.temperature`` when it is negative; the sampled pass needs it > 0."""
+    t = float(config.eval.temperature)
+    t = float(config.rollout.temperature) if t < 0 else t
+    if t <= 0:
+        raise ConfigError(f"the evaluation's sampled answers need a temperature > 0 (eval.temperature, or "
+                          f"rollout.temperature when it is < 0), got {t}; the greedy pass is eval.greedy")
+    return t
+
+
+def eval_rollout_specs(config, stop_tokens: Sequence[int] = ()) -> Tuple[RolloutSpec, RolloutSpec]:
+    """(sampled, greedy) rollout specs of the evaluation: ``rollout.*`` at :func:`eval_temperature` and at 0."""
+    spec = rollout_spec(config, stop_tokens)
+    sampled = dataclasses.replace(spec, sampling=dataclasses.replace(spec.sampling,
+                                                                      temperature=eval_temperature(config)))
+    return sampled, dataclasses.replace(spec, sampling=SamplingParams(0.0, 0, 1.0))
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Every check of every section (``load_config`` runs it): a bad value is a ConfigError naming its key.
     (``rollout.temperature`` > 0 is checked when an RL job builds its :func:`grpo_config`: ``tlt-generate``
@@ -323,3 +402,4 @@ def validate(config: ml_collections.ConfigDict) -> None:
     spot_optimizer(config)
     spot_spec(config)
     engine_config(config)
+    eval_settings(config)

@@ -12,20 +12,24 @@ Work dir layout::
     metrics.jsonl        one JSON object per RL step (reward_mean, accuracy, lengths, time split, ...);
                          strict JSON: a value not measured yet (drafter_loss before the first drafter
                          step) is null
+                         rows ``{"step": N, "eval": {...}}`` hold the held-out evaluation of step N
+                         (``eval.every``; ``read_metrics`` leaves them out, ``read_evals`` gives them)
     samples.jsonl        the first answer to each prompt of every step (question, gold, answer, reward)
+    eval/<step>.jsonl    the evaluation's record per problem (its answers, their correctness, pass@k), and
+    eval/<step>.summary.json  its summary (see ``rl.evaluation``)
     tb/                  TensorBoard events of the same metrics
     checkpoints/<step>/  orbax checkpoints (the newest ``train.keep_checkpoints``)
-    plots/*.png          reward, answer lengths and time split, written at the end
+    plots/*.png          reward, answer lengths and time split, written at the end; eval.png after each evaluation
     config.json          the config of the first run in this dir
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import os
 import time
+import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import jax
@@ -34,33 +38,16 @@ from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from tlt_jax.app import build, specs
-from tlt_jax.core.errors import CheckpointError, ConfigError, DataError
+from tlt_jax.app.evaluator import Evaluator, write_outputs
+from tlt_jax.core.errors import CheckpointError
 from tlt_jax.core.jsonio import json_line
-from tlt_jax.core.seeds import numpy_stream, stream_seed
-from tlt_jax.data.loader import load_examples, with_instruction
-from tlt_jax.drafter.online import OnlineDrafter
-from tlt_jax.engine.adaptive import AdaptiveEngine
-from tlt_jax.io.tokenizer import chat_prompt_ids
+from tlt_jax.core.seeds import numpy_stream
 from tlt_jax.models.drafter import Drafter
 from tlt_jax.parallel.mesh import make_mesh
 from tlt_jax.parallel.multihost import barrier
-from tlt_jax.rl import checkpoints
+from tlt_jax.rl import checkpoints, evaluation
 from tlt_jax.rl.plots import write_plots
-from tlt_jax.rl.rewards import math_rewards
 from tlt_jax.rl.step import RLStep
-
-
-def load_reward_fn(name: str, format_weight: float) -> Callable:
-    """'math' or 'module.path:function' (called as fn(answers, golds, finished) -> RewardOutput or floats)."""
-    if name == "math":
-        def math_reward(answers, golds, finished):
-            return math_rewards(answers, golds, finished, format_weight=format_weight)
-        return math_reward
-    module, _, attr = name.partition(":")
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"rl.reward {name!r}: cannot import {attr!r} from {module!r} ({e})") from None
 
 
 def step_line(metrics: Dict[str, Any]) -> str:
@@ -103,17 +90,21 @@ class Trainer:
             f"loaded in {time.perf_counter() - t0:.1f}s")
         self._load_prompts()
         self.spec = specs.rollout_spec(config, build.stop_tokens(config, self.tokenizer))
-        self.engine = None
-        self.online = self._drafter(model)
+        self.speculation, self.online = build.online_drafter(config, model, self.graphdef, self.model_cfg, log)
         rollout = self._rollout(pool)
-        self.rl = RLStep(self.graphdef, params, self.mesh, rollout=rollout,
-                         reward_fn=load_reward_fn(rl.reward, float(rl.format_weight)),
+        self.rl = RLStep(self.graphdef, params, self.mesh, rollout=rollout, reward_fn=build.reward_fn(config),
                          grpo_config=specs.grpo_config(config), optimizer=specs.policy_optimizer(config),
                          decode=lambda t: self.tokenizer.decode(t, skip_special_tokens=True),
                          advantage=rl.advantage, minibatches=int(rl.minibatches),
                          prompt_multiple=int(rl.prompt_multiple), max_new_tokens=self.spec.max_new_tokens,
                          answer_buckets=int(rl.answer_buckets),
                          seed=int(config.seed), reference=float(rl.kl_coef) > 0, drafter=self.online)
+        self.evaluator = None
+        if int(config.eval.every) > 0 or config.eval.at_start:
+            self.evaluator = Evaluator(config, graphdef=self.graphdef, model_cfg=self.model_cfg,
+                                       tokenizer=self.tokenizer, mesh=self.mesh, devices=self.devices,
+                                       speculation=self.speculation, online=self.online,
+                                       pool=self.engine.pool if self.engine is not None else None, log=log)
         self.step = 0
         if resume and existing is not None:
             self._restore()
@@ -148,73 +139,19 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ setup
 
     def _load_prompts(self) -> None:
-        c = self.config
-        d = c.data
-        n_needed = int(c.rl.steps) * int(c.rl.prompts_per_step)
-        limit = int(d.limit) if int(d.limit) > 0 else (n_needed if d.source == "arithmetic" else 0)
-        examples = load_examples(d.source, subset=d.subset, split=d.split, question_field=d.question_field,
-                                 answer_field=d.answer_field, answer_format=d.answer_format, limit=limit,
-                                 seed=int(d.seed), mean_terms=float(d.mean_terms))
-        if not examples:
-            raise DataError(f"data source {d.source!r} gave no examples")
-        questions = [with_instruction(q, d.instruction) for q, _ in examples]
-        ids = chat_prompt_ids(self.tokenizer, questions, c.job.system_prompt or None,
-                              enable_thinking=bool(c.data.enable_thinking))
-        limit = int(c.rollout.max_prompt_len)
-        keep = [i for i, p in enumerate(ids) if len(p) <= limit]
-        if not keep:
-            raise DataError(f"every prompt is longer than rollout.max_prompt_len={limit} tokens")
-        if len(keep) < len(ids):
-            self.log(f"[tlt] skipping {len(ids) - len(keep)} of {len(ids)} prompts longer than "
-                     f"rollout.max_prompt_len={limit}")
-        self.prompt_ids = [ids[i] for i in keep]
-        self.examples_text = [questions[i] for i in keep]
-        self.golds = [examples[i].answer for i in keep]
-
-    def _drafter(self, model) -> Optional[OnlineDrafter]:
-        """The drafter for TLT (None for the baseline or the n-gram proposer); sets ``self.speculation``."""
-        c, t = self.config, self.config.tlt
-        self.speculation = None
-        if not t.enable:
-            self.log("[tlt] baseline: plain rollouts (tlt.enable=False)")
-            return None
-        spot = specs.spot_spec(c) if (t.adaptive and t.spot_training) else None
-        online = dict(target_graphdef=self.graphdef, spot=spot, optimizer=specs.spot_optimizer(c) if spot else None,
-                      seed=int(c.seed), log=self.log)
-        try:
-            self.speculation, drafter = build.speculation_from_config(c, model)
-        except CheckpointError as e:
-            reason = str(e).split(". ")[0]  # the first sentence: what is missing where
-            if spot is not None:
-                self.log(f"[tlt] no warmed drafter ({reason}); a fresh one trains on idle replicas "
-                         f"and the model-free arms (tlt.ngram_arms) draft until it has had {spot.warm_after} updates")
-                self.speculation = specs.speculative_spec(c)
-                self.log("[tlt] TLT: speculative rollouts, the model-free arms until the drafter is warm")
-                fresh = Drafter(self.model_cfg, nnx.Rngs(stream_seed(int(c.seed), "drafter_init")))
-                return OnlineDrafter(fresh, warm=False, **online)
-            self.speculation, drafter = build.ngram_fallback(c), None
-            self.log(f"[tlt] no warmed drafter ({reason}); the n-gram proposer drafts")
-        self.log(f"[tlt] TLT: speculative rollouts, {self.speculation.strategy.name} with the "
-                 f"{self.speculation.proposer} proposer")
-        return OnlineDrafter(drafter, warm=True, **online) if drafter is not None else None
+        self.prompt_ids, self.examples_text, self.golds = build.task_prompts(
+            self.config, self.tokenizer, specs.data_source(self.config), self.log)
 
     def _rollout(self, pool):
-        """The baseline's plain rollout over the training mesh; with TLT the adaptive engine over the replicas,
-        or (``tlt.adaptive=False``) the fixed strategy on one local device (every process runs the whole
-        batch)."""
+        """The run's rollout (``build.rollout``); logs what the adaptive engine is."""
         c = self.config
-        if self.speculation is None:
-            return build.fixed_rollout(c, self.graphdef, self.model_cfg, self.spec, mesh=self.mesh)
-        if not c.tlt.adaptive:
-            return build.fixed_rollout(c, self.graphdef, self.model_cfg, self.spec, speculation=self.speculation,
-                                       drafter=self.drafter, mesh=build.one_device_mesh())
-        engine_config = specs.engine_config(c)
-        rows = specs.rows_per_step(c)
-        self.engine = AdaptiveEngine(self.graphdef, self.spec, engine_config, batch_size=rows,
-                                     cache_len=specs.fixed_cache_len(c),
-                                     drafter_graphdef=self.online.graphdef if self.online is not None else None,
-                                     pool=pool, devices=self.devices, prompt_multiple=int(c.rl.prompt_multiple))
-        self.log(f"[tlt] adaptive engine: {engine_config.replicas} replicas of {rows // engine_config.replicas} "
+        rollout, self.engine = build.rollout(c, self.graphdef, self.model_cfg, self.spec,
+                                             batch_size=specs.rows_per_step(c), speculation=self.speculation,
+                                             online=self.online, mesh=self.mesh, devices=self.devices, pool=pool)
+        if self.engine is None:
+            return rollout
+        engine_config = self.engine.config
+        self.log(f"[tlt] adaptive engine: {engine_config.replicas} replicas of {self.engine.rows_per_replica} "
                  f"rows, buckets {self.engine.buckets}, speculation at <= {engine_config.sd_threshold} rows, spot "
                  f"training {'on' if self.spot else 'off'}")
         local = [d for d in self.devices if d.process_index == jax.process_index()]
@@ -222,7 +159,7 @@ class Trainer:
             self.log(f"[tlt] note: the {len(local)} CPU devices of this process share its {os.cpu_count()} cores "
                      f"(XLA's CPU runtime has one thread pool per process), so the replicas' chunks take turns "
                      f"and a finished replica's spot training takes time from the others")
-        return self.engine
+        return rollout
 
     def precompile(self) -> Dict[str, float]:
         """Compiles the adaptive engine's programs ahead of time (a no-op without the engine)."""
@@ -310,7 +247,9 @@ class Trainer:
         return os.path.join(self.workdir, "samples.jsonl")
 
     def _truncate_logs(self) -> None:
-        """Drops log lines of steps after the checkpoint (a killed run logs steps it never saved)."""
+        """Drops log lines and evaluation files of steps after the checkpoint (a killed run logs steps it never
+        saved)."""
+        evaluation.drop_after(self.workdir, self.step)
         for path in (self.metrics_path, self.samples_path):
             if not os.path.exists(path):
                 continue
@@ -326,11 +265,47 @@ class Trainer:
             with open(path, "w") as f:
                 f.writelines(keep)
 
-    def read_metrics(self) -> List[Dict[str, Any]]:
+    def _rows(self) -> List[Dict[str, Any]]:
         if not os.path.exists(self.metrics_path):
             return []
         with open(self.metrics_path) as f:
             return [json.loads(ln) for ln in f if ln.strip()]
+
+    def read_metrics(self) -> List[Dict[str, Any]]:
+        """The training rows of ``metrics.jsonl`` (one per RL step)."""
+        return [r for r in self._rows() if "eval" not in r]
+
+    def read_evals(self) -> List[Dict[str, Any]]:
+        """The evaluation rows of ``metrics.jsonl``: ``{"step": N, "eval": summary}``."""
+        return [r for r in self._rows() if "eval" in r]
+
+    # ------------------------------------------------------------------------------------------ evaluation
+
+    def evaluate(self, writer=None, progress: bool = False) -> Optional[Dict[str, Any]]:
+        """The held-out evaluation of the current policy (step ``self.step``): records and summary in
+        ``eval/``, a row in metrics.jsonl, TensorBoard scalars ``eval/*``, ``plots/eval.png``. A failure is a
+        warning and returns None: training goes on, and nothing of the run is lost."""
+        try:
+            result = self.evaluator.run(self.params, self.step, progress=progress and self.is_main)
+            if self.is_main:
+                write_outputs(self.workdir, self.step, result)
+        except Exception as e:  # noqa: BLE001 - an evaluation must never stop the training run
+            msg = f"evaluation at step {self.step} failed ({type(e).__name__}: {e}); training continues"
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+            self.log(f"[tlt] warning: {msg}")
+            return None
+        summary = result.summary
+        if self.is_main:
+            with open(self.metrics_path, "a") as f:
+                f.write(json_line({"step": self.step, "eval": summary}))
+            if writer is not None:
+                for k, v in summary.items():
+                    if isinstance(v, (int, float)) and math.isfinite(v):
+                        writer.add_scalar(f"eval/{k}", v, self.step)
+                writer.flush()
+        self.log(f"[tlt] eval step {self.step}: " + json_line({k: round(v, 4) if isinstance(v, float) else v
+                                                               for k, v in summary.items()}).rstrip("\n"))
+        return summary
 
     # ------------------------------------------------------------------------------------------ loop
 
@@ -346,7 +321,10 @@ class Trainer:
             writer = SummaryWriter(os.path.join(self.workdir, "tb"))
         bar = tqdm(total=total, initial=self.step, desc="GRPO", unit="step", dynamic_ncols=True,
                    disable=not (progress and self.is_main))
+        eval_every = int(self.config.eval.every)
         try:
+            if self.evaluator is not None and self.config.eval.at_start and self.step == 0:
+                self.evaluate(writer, progress)
             while self.step < total:
                 metrics = self.train_step()
                 if self.is_main:
@@ -367,6 +345,8 @@ class Trainer:
                 bar.update(1)
                 if on_step is not None:
                     on_step(metrics)
+                if eval_every and self.evaluator is not None and (self.step % eval_every == 0 or self.step == total):
+                    self.evaluate(writer, progress)  # before the checkpoint: a run killed here redoes it
                 if self.step % every == 0 or self.step == total:
                     self.save()
         finally:

@@ -90,4 +90,4 @@ class OnlineDrafter:
             self.trainer.params = split_drafter(self.drafter)[1]
             self.trainer.opt_state = items["drafter_opt"]
             self.trainer.total_steps = int(counters.get("drafter_updates", 0))
-            self.warm = bool(counters.get("drafter_warm", self.warm))
+        self.warm = bool(counters.get("drafter_warm", self.warm))

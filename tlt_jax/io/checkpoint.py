@@ -11,8 +11,10 @@ Fault injection for tests: with ``TLT_KILL_DURING_SAVE=<step>`` in the environme
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import glob
+import logging
 import os
 import shutil
 import signal
@@ -134,7 +136,8 @@ def restore(directory: str, abstract_items: Mapping[str, Any], step: Optional[in
     args = {k: ocp.args.StandardRestore(v) for k, v in abstract_items.items()}
     args[META] = ocp.args.JsonRestore()
     try:
-        out = mngr.restore(step, args=ocp.args.Composite(**args))
+        with _quiet():  # a restore of some of the items (an evaluation reads the policy alone)
+            out = mngr.restore(step, args=ocp.args.Composite(**args))
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"checkpoint {directory} step {step} does not match the expected structure: {e}")
     finally:
@@ -153,6 +156,38 @@ def _resolve_step(directory: str, step: Optional[int]) -> int:
     return int(step)
 
 
+@contextlib.contextmanager
+def _quiet():
+    """orbax logs a warning for every other item of a step when a manager reads one item: hide them."""
+    log = logging.getLogger("absl")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _item_tree(mngr: ocp.CheckpointManager, directory: str, name: str, step: int) -> Dict[str, Any]:
+    meta = mngr.item_metadata(step).get(name)
+    if meta is None:
+        raise CheckpointError(f"checkpoint {directory} step {step} has no item {name!r}")
+    return dict(getattr(meta, "tree", meta))
+
+
+def item_shapes(directory: str, name: str, step: Optional[int] = None) -> Dict[str, Tuple[Tuple[int, ...], str]]:
+    """{key: (shape, dtype name)} of a flat item of a checkpoint, read from its metadata (no array is read)."""
+    step = _resolve_step(directory, step)
+    mngr = ocp.CheckpointManager(os.path.abspath(os.path.expanduser(directory)),
+                                 item_handlers={name: ocp.StandardCheckpointHandler()})
+    try:
+        with _quiet():
+            tree = _item_tree(mngr, directory, name, step)
+    finally:
+        mngr.close()
+    return {k: (tuple(m.shape), np.dtype(m.dtype).name) for k, m in tree.items()}
+
+
 def read_host_arrays(directory: str, name: str, step: Optional[int] = None) -> Tuple[int, Dict[str, np.ndarray]]:
     """One item of a checkpoint as host (numpy) arrays, whatever devices or processes wrote it: for analysis and
     comparisons, no model needed. Returns (step, {key: array}) for a flat item such as the trainer's."""
@@ -160,12 +195,9 @@ def read_host_arrays(directory: str, name: str, step: Optional[int] = None) -> T
     mngr = ocp.CheckpointManager(os.path.abspath(os.path.expanduser(directory)),
                                  item_handlers={name: ocp.StandardCheckpointHandler()})
     try:
-        meta = mngr.item_metadata(step)[name]
-        if meta is None:
-            raise CheckpointError(f"checkpoint {directory} step {step} has no item {name!r}")
-        tree = getattr(meta, "tree", meta)
-        target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), dict(tree))
-        out = mngr.restore(step, args=ocp.args.Composite(**{name: ocp.args.StandardRestore(target)}))
+        with _quiet():
+            target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), _item_tree(mngr, directory, name, step))
+            out = mngr.restore(step, args=ocp.args.Composite(**{name: ocp.args.StandardRestore(target)}))
     finally:
         mngr.close()
     return step, dict(out[name])

@@ -72,12 +72,55 @@ def save(workdir: str, step: int, trees: Mapping[str, Any], meta: Mapping[str, A
     return checkpoint.save(checkpoint_dir(workdir), step, _items(trees, mesh), meta, max_to_keep=keep)
 
 
-def read_meta(workdir: str) -> Tuple[int, Dict[str, Any]]:
-    """(step, metadata) of the newest checkpoint, checked to be an RL run's."""
-    step, meta = checkpoint.read_metadata(checkpoint_dir(workdir))
+def read_meta(workdir: str, step: Optional[int] = None) -> Tuple[int, Dict[str, Any]]:
+    """(step, metadata) of a checkpoint (default: the newest), checked to be an RL run's."""
+    step, meta = checkpoint.read_metadata(checkpoint_dir(workdir), step)
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{checkpoint_dir(workdir)} step {step} is not a trainer checkpoint")
     return step, meta
+
+
+def resolve(path: str, step: Optional[int] = None) -> Tuple[str, int]:
+    """(run work dir, checkpoint step) of ``path``: a run's work dir, its ``checkpoints`` dir, or one step's dir
+    in it (its number is the step; ``step`` must then be None or the same); ``step`` None: the newest."""
+    path = os.path.abspath(os.path.expanduser(path))
+    name, parent = os.path.basename(path), os.path.dirname(path)
+    if name.isdigit() and os.path.basename(parent) == CHECKPOINT_DIR:
+        if step is not None and int(step) != int(name):
+            raise CheckpointError(f"{path} is step {name}'s checkpoint, not step {step}'s")
+        path, step = os.path.dirname(parent), int(name)
+    elif name == CHECKPOINT_DIR and not os.path.isdir(os.path.join(path, CHECKPOINT_DIR)):
+        path = parent
+    if not os.path.isdir(checkpoint_dir(path)):
+        raise CheckpointError(f"no run checkpoints at {path} (expected a work dir with {CHECKPOINT_DIR}/, that "
+                              f"dir, or one step's dir in it)")
+    if step is None:
+        step = latest_step(path)
+        if step is None:
+            raise CheckpointError(f"{checkpoint_dir(path)} holds no complete checkpoint")
+    elif not os.path.isdir(os.path.join(checkpoint_dir(path), str(step))):
+        have = sorted(int(n) for n in os.listdir(checkpoint_dir(path)) if n.isdigit())
+        raise CheckpointError(f"{checkpoint_dir(path)} has no step {step}; it has {have}")
+    return path, int(step)
+
+
+def check_matches(workdir: str, step: int, name: str, tree, config_name: str = "") -> None:
+    """A CheckpointError unless item ``name`` of the checkpoint holds arrays of the shapes and dtypes of
+    ``tree``'s leaves (a checkpoint of another model or drafter), naming the first difference."""
+    stored = checkpoint.item_shapes(checkpoint_dir(workdir), name, step)
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    live = {f"{i:05d}": (tuple(np.shape(x)), np.dtype(x.dtype).name) for i, x in enumerate(jax.tree.leaves(tree))}
+    _, meta = read_meta(workdir, step)
+    where = f"{checkpoint_dir(workdir)}/{step} (written by config {meta.get('config_name')!r})"
+    here = f"config {config_name!r}" if config_name else "this model"
+    if len(stored) != len(live):
+        raise CheckpointError(f"{where} holds {len(stored)} {name} arrays, {here} has {len(live)}: it is a "
+                              f"checkpoint of another model")
+    for i, key in enumerate(sorted(live)):
+        if stored.get(key) != live[key]:
+            (s_shape, s_dtype), (l_shape, l_dtype) = stored.get(key, ((), "missing")), live[key]
+            raise CheckpointError(f"{where} is a checkpoint of another model: {name} array {paths[i]} is "
+                                  f"{s_dtype}{list(s_shape)} there and {l_dtype}{list(l_shape)} in {here}")
 
 
 def latest_step(workdir: str) -> Optional[int]:

@@ -1,4 +1,5 @@
-"""PNG plots of a training run from its metrics (reward, answer-length distribution, time split)."""
+"""PNG plots of a training run from its metrics (reward, answer-length distribution, time split) and of its
+held-out evaluations (accuracy, pass@k)."""
 
 from __future__ import annotations
 
@@ -48,6 +49,35 @@ def write_plots(history: Sequence[Dict[str, Any]], out_dir: str) -> List[str]:
     ax.set_title("Time split per step")
     paths.append(_save(fig, out_dir, "time_split.png"))
     return paths
+
+
+def write_eval_plot(summaries: Sequence[Dict[str, Any]], out_dir: str) -> str:
+    """``eval.png``: greedy accuracy, mean@n and every pass@k of the evaluation summaries against the RL step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out_dir, exist_ok=True)
+    steps = [s["step"] for s in summaries]
+    from matplotlib.ticker import MaxNLocator
+
+    # pass@1 is mean@n by definition: one line for both
+    keys = [k for k in summaries[-1] if k == "greedy_accuracy" or k.startswith("mean@")
+            or (k.startswith("pass@") and k != "pass@1")]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key in keys:
+        label = key.replace("_", " ") + (" (= pass@1)" if key.startswith("mean@") else "")
+        ax.plot(steps, [s.get(key, float("nan")) for s in summaries], marker="o", label=label)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    last = summaries[-1]
+    ax.set_xlabel("RL step")
+    ax.set_ylabel("share of problems")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    ax.set_title(f"Held-out evaluation ({last['problems']} problems, {last['samples']} samples each)")
+    return _save(fig, out_dir, "eval.png")
 
 
 def _save(fig, out_dir: str, name: str) -> str:
