@@ -73,3 +73,36 @@ def test_qwen3_configs_have_the_published_sizes(name, total, non_embedding):
     assert n == cfg.num_params()
     embed = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_embeddings else 2)
     assert abs(n - total) < 0.02 * total and abs(n - embed - non_embedding) < 0.02 * non_embedding, n
+
+
+RECIPE_RECORDS = {  # one record of each recipe's data and eval files, in the layout the recipe expects on disk
+    "recipe_gsm8k": ({"question": "Tom has 3 apples and buys 4 more. How many?", "answer": "3 + 4 = 7\n#### 7"},
+                     {"question": "What is 1,200 + 34?", "answer": "1,234\n#### 1,234"}, "7", "1234"),
+    "recipe_math": ({"problem": "Find $x$ if $2x = 6$.", "solution": "Divide: $x = \\boxed{3}$."},
+                    {"problem": "What is $\\frac{1}{2} + \\frac{1}{2}$?", "answer": "1"}, "3", "1"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RECIPE_RECORDS))
+def test_recipes_read_their_data_and_eval_files(name, tmp_path):
+    """Each recipe evaluates on held-out data, splits its rollout batch over its replicas, and reads local files
+    in its documented layout (the hub sources need the network, so the files stand in for them)."""
+    import json
+
+    from tlt_jax.app import specs
+    from tlt_jax.data.loader import load_examples
+
+    config = load_config(name)
+    assert config.model.arch.architecture == "qwen3" and int(config.eval.every) > 0
+    assert specs.rows_per_step(config) % int(config.tlt.replicas) == 0
+    src, held = specs.data_source(config), specs.eval_source(config)
+    assert (src["source"], src["split"]) != (held["source"], held["split"])
+    train_rec, eval_rec, train_gold, eval_gold = RECIPE_RECORDS[name]
+    files = {}
+    for what, rec in (("train", train_rec), ("test", eval_rec)):
+        files[what] = tmp_path / f"{what}.jsonl"
+        files[what].write_text(json.dumps(rec) + "\n")
+    config = load_config(name, [f"data.source={files['train']}", f"eval.source={files['test']}"])
+    for source, gold in ((specs.data_source(config), train_gold), (specs.eval_source(config), eval_gold)):
+        kw = {k: v for k, v in source.items() if k not in ("source", "instruction")}
+        assert [e.answer for e in load_examples(source["source"], **kw)] == [gold]
