@@ -14,6 +14,7 @@ import pytest
 from tests.models.hf_tiny import make_stopping_checkpoint
 from tests.multiproc import REPO_ROOT, child_env, free_port
 from tlt_jax.io import checkpoint
+from tlt_jax.parallel import multihost
 
 pytestmark = pytest.mark.multihost
 
@@ -45,9 +46,9 @@ def _env():
     return env
 
 
-def _local_sh(workdir, processes, local_devices, overrides, timeout=600):
+def _local_sh(workdir, processes, local_devices, overrides, timeout=600, pin=False):
     cmd = ["bash", "launch/local.sh", "configs/tiny.py", workdir, "--processes", str(processes), "--local-devices",
-           str(local_devices), "--no-progress"] + overrides
+           str(local_devices), "--no-progress"] + (["--pin-cores"] if pin else []) + overrides
     return subprocess.run(cmd, cwd=str(REPO_ROOT), env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
@@ -61,11 +62,13 @@ def _state(workdir):
 def test_two_processes_train_like_one(tmp_path, stopping_model):
     two, one = str(tmp_path / "two"), str(tmp_path / "one")
     t0 = time.monotonic()
-    r2 = _local_sh(two, 2, 1, _overrides(stopping_model))
+    r2 = _local_sh(two, 2, 1, _overrides(stopping_model), pin=True)  # one replica per process, on its own core
     t_two = time.monotonic() - t0
     assert r2.returncode == 0, r2.stderr[-4000:]
-    assert "process 0 of 2: 1 local of 2 cpu devices" in r2.stdout
-    assert "[p1] [tlt] process 1 of 2: 1 local of 2 cpu devices" in r2.stdout  # the launcher tags process 1
+    cores = multihost.core_sets(2)
+    assert f"process 0 of 2: 1 local of 2 cpu devices, on cores {cores[0]} of its own" in r2.stdout
+    # the launcher tags process 1
+    assert f"[p1] [tlt] process 1 of 2: 1 local of 2 cpu devices, on cores {cores[1]} of its own" in r2.stdout
     r1 = _local_sh(one, 1, 2, _overrides(stopping_model))
     assert r1.returncode == 0, r1.stderr[-4000:]
 

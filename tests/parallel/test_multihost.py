@@ -196,3 +196,11 @@ def test_single_process_helpers():
     multihost.assert_same(x, "x")
     multihost.barrier("alone")
     assert not multihost.is_multiprocess()
+
+
+def test_core_sets_give_each_process_its_own_cores():
+    assert multihost.core_sets(2, [0, 1]) == [[0], [1]]
+    assert multihost.core_sets(2, [3, 0, 1, 2, 4]) == [[0, 1], [2, 3]]  # the odd core goes unused
+    assert multihost.core_sets(1) == [sorted(os.sched_getaffinity(0))]
+    with pytest.raises(ValueError, match="--pin-cores: 3 processes cannot each own a core of the 2"):
+        multihost.core_sets(3, [0, 1], what="--pin-cores")

@@ -155,10 +155,13 @@ class Trainer:
                  f"rows, buckets {self.engine.buckets}, speculation at <= {engine_config.sd_threshold} rows, spot "
                  f"training {'on' if self.spot else 'off'}")
         local = [d for d in self.devices if d.process_index == jax.process_index()]
-        if engine_config.replicas > 1 and local and local[0].platform == "cpu":
-            self.log(f"[tlt] note: the {len(local)} CPU devices of this process share its {os.cpu_count()} cores "
-                     f"(XLA's CPU runtime has one thread pool per process), so the replicas' chunks take turns "
-                     f"and a finished replica's spot training takes time from the others")
+        replicas_here = engine_config.replicas * len(local) / max(1, len(self.devices))  # on this process's devices
+        if local and local[0].platform == "cpu" and replicas_here > 1:
+            self.log(f"[tlt] note: the {len(local)} CPU devices of this process share its cores (XLA's CPU "
+                     f"runtime has one thread pool per process), so the replicas' chunks take turns and a "
+                     f"finished replica's spot training takes time from the others; one process per replica "
+                     f"(tlt-launch --processes {engine_config.replicas} --local-devices 1 --pin-cores) gives each "
+                     f"replica cores of its own")
         return rollout
 
     def precompile(self) -> Dict[str, float]:

@@ -13,7 +13,7 @@ import math
 import os
 import socket
 import time
-from typing import Any, Optional
+from typing import Any, List, Optional, Sequence
 
 import jax
 import numpy as np
@@ -136,6 +136,19 @@ ENV_COORDINATOR = "TLT_COORDINATOR"  # host:port of process 0 (set by tlt-launch
 ENV_NUM_PROCESSES = "TLT_NUM_PROCESSES"
 ENV_PROCESS_ID = "TLT_PROCESS_ID"
 ENV_LOCAL_DEVICES = "TLT_LOCAL_DEVICES"  # CPU only: this process's device count
+ENV_CORES = "TLT_CORES"  # set by tlt-launch --pin-cores: the cores this process owns (its CPU affinity)
+
+
+def core_sets(processes: int, cores: Optional[Sequence[int]] = None, what: str = "pinning") -> List[List[int]]:
+    """``processes`` disjoint, equal shares of ``cores`` (default: the cores this process may run on), one per
+    process of a job whose processes each own their cores; the remainder goes unused. More processes than
+    cores is a ValueError (``what`` names the option in it)."""
+    cores = sorted(os.sched_getaffinity(0)) if cores is None else sorted(cores)
+    if processes > len(cores):
+        raise ValueError(f"{what}: {processes} processes cannot each own a core of the {len(cores)} this machine "
+                         f"gives (cores {cores}); use fewer processes, or let them share the cores")
+    per = len(cores) // processes
+    return [cores[i * per:(i + 1) * per] for i in range(processes)]
 
 
 def add_arguments(ap) -> None:
@@ -181,8 +194,9 @@ def join_from_arguments(args, log=print) -> bool:
                                    heartbeat_timeout_seconds=args.dist_timeout)
     else:
         return False
+    pinned = f", on cores {sorted(os.sched_getaffinity(0))} of its own" if os.environ.get(ENV_CORES) else ""
     log(f"[tlt] process {jax.process_index()} of {jax.process_count()}: {jax.local_device_count()} local of "
-        f"{jax.device_count()} {jax.devices()[0].platform} devices")
+        f"{jax.device_count()} {jax.devices()[0].platform} devices{pinned}")
     return True
 
 
