@@ -66,12 +66,13 @@ def test_sampled_rule_follows_target_distribution(which, sampling, strategy):
 
 
 def test_sampled_rule_accepts_more_than_target_only_at_t1():
-    """The point of the rule: at T = 1 the same drafter's drafts are accepted more often."""
+    """The point of the rule: at T = 1 the same drafter's drafts are accepted more often (a comparison of two
+    means, not of distributions: 4,000 rows each)."""
     model, good, _ = _setup()
     params = SAMPLINGS["T1"]
-    _, sampled = sample_counts(model, good, params, "chain-3", rule="sampled")
-    _, target_only = sample_counts(model, good, params, "chain-3", rule="target_only")
-    assert sampled > target_only, (sampled, target_only)
+    _, sampled = sample_counts(model, good, params, "chain-3", rule="sampled", rows=4000)
+    _, target_only = sample_counts(model, good, params, "chain-3", rule="target_only", rows=4000)
+    assert sampled > target_only + 0.05, (sampled, target_only)
 
 
 def _variant(**switches):

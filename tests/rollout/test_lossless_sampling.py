@@ -67,12 +67,12 @@ def chi_square_p(counts, probs, min_expected=5.0):
     return float(jax.scipy.special.gammaincc(dof / 2.0, stat / 2.0))
 
 
-def sample_counts(model, drafter, sampling, strategy, rule="target_only", seed=0, n=3):
+def sample_counts(model, drafter, sampling, strategy, rule="target_only", seed=0, n=3, rows=N):
     spec = RolloutSpec(max_new_tokens=n, sampling=sampling, chunk_steps=4)
     speculation = SpeculativeSpec(SpecStrategy.parse(strategy), rule=rule)
-    out = generate(model, [PROMPT] * N, spec, speculation=speculation, drafter=drafter, seed=seed)
+    out = generate(model, [PROMPT] * rows, spec, speculation=speculation, drafter=drafter, seed=seed)
     toks = np.asarray(out.tokens)
-    assert toks.shape == (N, n)
+    assert toks.shape == (rows, n)
     counts = np.zeros((VOCAB,) * n, np.int64)
     np.add.at(counts, tuple(toks[:, i] for i in range(n)), 1)
     return counts, out.accept_len
