@@ -34,4 +34,8 @@ def get_config():
     c.tlt.arms = ("chain-2", "4_2_8")
     c.tlt.ngram_arms = ("group:chain-2",)
     c.rollout.cache_len = 256  # fixed: one compiled program per (bucket, arm) for every RL step
+    # Without a warmed drafter (tlt-warmup), the job first warms one briefly (a few minutes) into its work dir, so
+    # its rollouts speculate with a learned drafter from the first step.
+    c.tlt.warmup_at_start = True
+    c.tlt.warmup_prompts = 64  # 32 answers greedy, 32 at T = 0.7 (drafter.warmup.temperatures)
     return c

@@ -43,6 +43,9 @@ def test_split_config_args():
     ("mesh.data=0", "mesh.data must be a positive size"),
     ("model.dtype=float8", "model.dtype must be"),
     ("model.arch.num_kv_heads=3", "multiple of num_kv_heads"),
+    ("tlt.warmup_steps=0", "tlt.warmup_steps must be >= 1"),
+    ("tlt.warmup_budget_s=0", "tlt.warmup_budget_s must be > 0"),
+    ("eval.samples=0", "eval.samples must be >= 1"),
 ])
 def test_bad_overrides(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -29,16 +29,24 @@ def test_main_job_trains_the_embedded_model(tmp_path):
     # The smallest main job: one prompt x 2 answers over the 2 replicas is one row each, so one bucket, and the one
     # arm (chain-2 with the learned drafter, no plain arm) speculates from the first chunk: 2 compiled rollout
     # programs of the 30-layer model where the config's arms at batch 4 compile 12 (most of this test's time).
+    # No warmed drafter (drafter.checkpoint names an empty place), so the job first warms its own, at toy sizes.
     rc, out, err = train_main(["--config", "configs/smollm2_135m.py", "--workdir", str(wd), "--no-progress",
                                "--config.rl.steps=1", "--config.rl.prompts_per_step=1", "--config.rl.group_size=2",
                                "--config.rollout.max_new_tokens=16", "--config.rl.minibatches=1",
                                "--config.train.plots=False", "--config.train.tensorboard=False",
-                               "--config.tlt.arms=('chain-2',)", "--config.tlt.plain_arm=False"])
+                               "--config.tlt.arms=('chain-2',)", "--config.tlt.plain_arm=False",
+                               f"--config.drafter.checkpoint={tmp_path / 'no_drafter'}",
+                               "--config.tlt.warmup_prompts=4", "--config.tlt.warmup_steps=3",
+                               "--config.drafter.warmup.max_new_tokens=12", "--config.drafter.warmup.gen_batch=4",
+                               "--config.drafter.warmup.seq_len=128", "--config.drafter.warmup.eval_prompts=2",
+                               "--config.drafter.draft_vocab=512"])
     assert rc == 0, err[-3000:]
-    assert "TLT: speculative rollouts" in out and "done: 1 steps" in out
+    assert "a short warm-up first (4 prompts, 3 steps" in out and "held-out acceptance" in out
+    assert "TLT: speculative rollouts, chain-4 with the eagle proposer" in out and "done: 1 steps" in out
     row = json.loads((wd / "metrics.jsonl").read_text())
     assert row["rollout_tokens"] > 0 and row["accept_len"] >= 1.0 and row["time_update"] > 0
-    assert (wd / "checkpoints" / "1").is_dir()
+    assert row["drafter_proposes"] == 1.0  # the learned drafter drafts from the first rollout
+    assert (wd / "checkpoints" / "1").is_dir() and (wd / "drafter").is_dir()
 
 
 @pytest.mark.slow

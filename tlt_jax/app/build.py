@@ -22,7 +22,9 @@ from tlt_jax.core.errors import CheckpointError, ConfigError, DataError
 from tlt_jax.core.seeds import stream_seed
 from tlt_jax.data.loader import load_examples, with_instruction
 from tlt_jax.drafter.online import OnlineDrafter
+from tlt_jax.drafter.warmup import warm_up_drafter
 from tlt_jax.engine.adaptive import AdaptiveEngine
+from tlt_jax.io.checkpoint import latest_step
 from tlt_jax.io.drafter import load_drafter
 from tlt_jax.io.tokenizer import cache_root, chat_prompt_ids, load_tokenizer, stop_token_ids
 from tlt_jax.io.weights import load_checkpoint
@@ -166,12 +168,39 @@ def reward_fn(config) -> Callable:
 # ------------------------------------------------------------------------------------------------ TLT parts
 
 
+def first_warmup(config, model: Decoder, tokenizer, directory: str, train: bool,
+                 log: Callable[[str], None] = print) -> Optional[Drafter]:
+    """The run's own warmed drafter (``tlt.warmup_at_start``, no warmed drafter elsewhere): the one in
+    ``directory`` if an earlier start of this run made it, else (``train``) a short warm-up into ``directory``
+    first (``specs.first_warmup_spec``); None when it does not apply (another process of a multi-process job
+    would write the same directory, or there is no real target)."""
+    if latest_step(directory) is not None:  # (a warm-up killed before it saved left only its data: redo it)
+        drafter, _ = load_drafter(directory, model)
+        log(f"[tlt] the run's own warmed drafter ({directory})")
+        return drafter
+    if not train or tokenizer is None or not config.model.checkpoint:
+        return None
+    if jax.process_count() > 1:
+        log("[tlt] tlt.warmup_at_start: no short warm-up in a multi-process job (run tlt-warmup first)")
+        return None
+    spec = specs.first_warmup_spec(config)
+    log(f"[tlt] no warmed drafter: a short warm-up first ({spec.num_prompts} prompts, {spec.steps} steps, at most "
+        f"{spec.time_budget_s:.0f}s; tlt-warmup --config {config.name} does the full one) into {directory}")
+    warm_up_drafter(model, tokenizer, spec, out=directory, stop_tokens=stop_tokens(config, tokenizer),
+                    system=config.job.system_prompt or None, data_key=[config.name, config.model.checkpoint],
+                    log=log)
+    drafter, _ = load_drafter(directory, model)
+    return drafter
+
+
 def online_drafter(config, model: Decoder, graphdef, model_cfg: ModelConfig, log: Callable[[str], None] = print,
-                   train: bool = True) -> Tuple[Optional[SpeculativeSpec], Optional[OnlineDrafter]]:
+                   train: bool = True, tokenizer=None, warmup_dir: Optional[str] = None
+                   ) -> Tuple[Optional[SpeculativeSpec], Optional[OnlineDrafter]]:
     """The speculation and the drafter of a run (``tlt.*``, ``speculative.*``): (None, None) for the baseline;
-    the warmed drafter if one exists; else with spot training a fresh drafter that trains on idle replicas
-    (the model-free arms draft until it is warm), else the n-gram proposer (no drafter). ``train`` False keeps
-    the structure but builds no spot trainer (evaluation of a checkpoint)."""
+    the warmed drafter if one exists; else with ``tlt.warmup_at_start`` the run's own from a short warm-up
+    (:func:`first_warmup`, in ``warmup_dir``); else with spot training a fresh drafter that trains on idle
+    replicas (the model-free arms draft until it is warm), else the n-gram proposer (no drafter). ``train``
+    False keeps the structure but builds no spot trainer and warms nothing up (evaluation of a checkpoint)."""
     c, t = config, config.tlt
     if not t.enable:
         log("[tlt] baseline: plain rollouts (tlt.enable=False)")
@@ -182,6 +211,13 @@ def online_drafter(config, model: Decoder, graphdef, model_cfg: ModelConfig, log
     try:
         speculation, drafter = speculation_from_config(c, model)
     except CheckpointError as e:
+        own = (first_warmup(c, model, tokenizer, warmup_dir, train, log)
+               if t.warmup_at_start and warmup_dir and specs.speculative_spec(c).learned else None)
+        if own is not None:
+            speculation = specs.speculative_spec(c)
+            log(f"[tlt] TLT: speculative rollouts, {speculation.strategy.name} with the {speculation.proposer} "
+                f"proposer")
+            return speculation, OnlineDrafter(own, warm=True, **online)
         reason = str(e).split(". ")[0]  # the first sentence: what is missing where
         if spot is not None:
             log(f"[tlt] no warmed drafter ({reason}); a fresh one trains on idle replicas "

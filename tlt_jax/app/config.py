@@ -142,6 +142,13 @@ def base_config() -> ml_collections.ConfigDict:
         spot_noise=0.0,  # uniform noise on the drafter's input features while training
         spot_max_steps=0,  # drafter updates per replica and rollout (0: until the rollout ends)
         warm_after=20,  # a drafter that was never warmed proposes after this many online updates
+        # no warmed drafter: first a short warm-up (drafter.warmup.* with these sizes) into <workdir>/drafter,
+        # so the run's first rollouts already speculate with a learned drafter (False: a fresh drafter learns
+        # online and the model-free arms draft until it is warm)
+        warmup_at_start=False,
+        warmup_prompts=48,
+        warmup_steps=150,
+        warmup_budget_s=300.0,
         buffer_capacity=256,  # answers held by the drafter data buffer
         buffer_window=512,  # the last <= this many tokens of an answer are kept
         buffer_lag=2,  # features of the last this-many RL steps are sampled (never the current one)

@@ -81,11 +81,14 @@ def evaluate_checkpoint(config, *, checkpoint: Optional[str] = None, step: Optio
     graphdef, params = nnx.split(model)
     devices = list(jax.devices())
     mesh = make_mesh(specs.mesh_sizes(config), devices)
-    speculation, online = build.online_drafter(config, model, graphdef, model_cfg, log, train=False)
+    run_dir, at = checkpoints.resolve(checkpoint, step) if checkpoint else (None, 0)
+    if step is not None and not checkpoint:
+        raise CheckpointError("--step needs --checkpoint")
+    speculation, online = build.online_drafter(
+        config, model, graphdef, model_cfg, log, train=False,
+        warmup_dir=checkpoints.own_drafter_dir(run_dir) if run_dir else None)  # the run's own, if it warmed one
     params = shd.tree_to_global(params, shd.tree_shardings(params, mesh))
-    at, run_dir = 0, None
     if checkpoint:
-        run_dir, at = checkpoints.resolve(checkpoint, step)
         _, meta = checkpoints.read_meta(run_dir, at)
         checkpoints.check_matches(run_dir, at, "policy", params, config.name)
         like = {"policy": params}
@@ -100,8 +103,6 @@ def evaluate_checkpoint(config, *, checkpoint: Optional[str] = None, step: Optio
             online.restore(trees, meta)
         log(f"[tlt] policy of {checkpoints.checkpoint_dir(run_dir)}/{at} (RL step {meta['step']}, config "
             f"{meta.get('config_name')!r})")
-    elif step is not None:
-        raise CheckpointError("--step needs --checkpoint")
     evaluator = Evaluator(config, graphdef=graphdef, model_cfg=model_cfg, tokenizer=tokenizer, mesh=mesh,
                           devices=devices, speculation=speculation, online=online, log=log)
     result = evaluator.run(params, at, progress=progress)

@@ -288,6 +288,20 @@ def warmup_spec(config) -> WarmupSpec:
                       eval_temperatures=tuple(float(t) for t in w.eval_temperatures))
 
 
+def first_warmup_spec(config) -> WarmupSpec:
+    """The short warm-up a run does first when it has no warmed drafter (``tlt.warmup_at_start``):
+    :func:`warmup_spec` with ``tlt.warmup_prompts`` prompts, ``tlt.warmup_steps`` steps, ``tlt.warmup_budget_s``
+    seconds and a held-out check at the rollout temperature only."""
+    t = config.tlt
+    _at_least(t, "tlt", ("warmup_prompts", "warmup_steps"), 1)
+    if float(t.warmup_budget_s) <= 0:
+        raise ConfigError(f"tlt.warmup_budget_s must be > 0, got {t.warmup_budget_s}")
+    spec = warmup_spec(config)
+    return spec._replace(num_prompts=int(t.warmup_prompts), steps=int(t.warmup_steps),
+                         time_budget_s=float(t.warmup_budget_s), eval_prompts=min(spec.eval_prompts, 4),
+                         eval_temperatures=(float(config.rollout.temperature),))
+
+
 def _check_rl(config) -> None:
     rl = config.rl
     _at_least(rl, "rl", ("steps", "prompts_per_step", "minibatches", "prompt_multiple", "answer_buckets"), 1)
@@ -401,5 +415,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
     policy_optimizer(config)
     spot_optimizer(config)
     spot_spec(config)
+    first_warmup_spec(config)
     engine_config(config)
     eval_settings(config)

@@ -18,6 +18,7 @@ Work dir layout::
     eval/<step>.jsonl    the evaluation's record per problem (its answers, their correctness, pass@k), and
     eval/<step>.summary.json  its summary (see ``rl.evaluation``)
     tb/                  TensorBoard events of the same metrics
+    drafter/             the run's own warmed drafter, when it had none and warmed one first (tlt.warmup_at_start)
     checkpoints/<step>/  orbax checkpoints (the newest ``train.keep_checkpoints``)
     plots/*.png          reward, answer lengths and time split, written at the end; eval.png after each evaluation
     config.json          the config of the first run in this dir
@@ -90,7 +91,9 @@ class Trainer:
             f"loaded in {time.perf_counter() - t0:.1f}s")
         self._load_prompts()
         self.spec = specs.rollout_spec(config, build.stop_tokens(config, self.tokenizer))
-        self.speculation, self.online = build.online_drafter(config, model, self.graphdef, self.model_cfg, log)
+        self.speculation, self.online = build.online_drafter(config, model, self.graphdef, self.model_cfg, log,
+                                                             tokenizer=self.tokenizer,
+                                                             warmup_dir=checkpoints.own_drafter_dir(self.workdir))
         rollout = self._rollout(pool)
         self.rl = RLStep(self.graphdef, params, self.mesh, rollout=rollout, reward_fn=build.reward_fn(config),
                          grpo_config=specs.grpo_config(config), optimizer=specs.policy_optimizer(config),

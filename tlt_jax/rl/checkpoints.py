@@ -28,11 +28,17 @@ from tlt_jax.parallel.sharding import to_global, to_host
 
 FORMAT = "tlt_jax.grpo_trainer.v1"
 CHECKPOINT_DIR = "checkpoints"
+OWN_DRAFTER_DIR = "drafter"
 REPLICATED_ITEMS = ("drafter", "drafter_opt")  # whole on every process
 
 
 def checkpoint_dir(workdir: str) -> str:
     return os.path.join(workdir, CHECKPOINT_DIR)
+
+
+def own_drafter_dir(workdir: str) -> str:
+    """Where a run that had no warmed drafter keeps the one its short warm-up made (``tlt.warmup_at_start``)."""
+    return os.path.join(workdir, OWN_DRAFTER_DIR)
 
 
 def flatten(tree) -> Dict[str, Any]:

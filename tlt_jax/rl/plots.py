@@ -52,7 +52,8 @@ def write_plots(history: Sequence[Dict[str, Any]], out_dir: str) -> List[str]:
 
 
 def write_eval_plot(summaries: Sequence[Dict[str, Any]], out_dir: str) -> str:
-    """``eval.png``: greedy accuracy, mean@n and every pass@k of the evaluation summaries against the RL step."""
+    """``eval.png``: greedy accuracy, mean@n, every pass@k and the format rate of the evaluation summaries
+    against the RL step."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -69,10 +70,12 @@ def write_eval_plot(summaries: Sequence[Dict[str, Any]], out_dir: str) -> str:
     for key in keys:
         label = key.replace("_", " ") + (" (= pass@1)" if key.startswith("mean@") else "")
         ax.plot(steps, [s.get(key, float("nan")) for s in summaries], marker="o", label=label)
+    ax.plot(steps, [s.get("format_rate", float("nan")) for s in summaries], "--", color="gray", marker=".",
+            label="format rate")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     last = summaries[-1]
     ax.set_xlabel("RL step")
-    ax.set_ylabel("share of problems")
+    ax.set_ylabel("share (format: of answers)")
     ax.set_ylim(-0.02, 1.02)
     ax.legend()
     ax.grid(alpha=0.3)
