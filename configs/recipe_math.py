@@ -11,45 +11,30 @@ files with the same fields. DAPO-style data (a chat-message prompt, the answer u
 Weights: ``model.checkpoint`` names the hub model; point it at a local safetensors directory offline.
 """
 
-from tlt_jax.app.config import qwen3_config
+from configs.recipe_gsm8k import get_config as gsm8k_config
 
 
 def get_config():
-    c = qwen3_config("recipe_math", "Qwen/Qwen3-1.7B", hidden_size=2048, intermediate_size=6144, num_layers=28,
-                     num_heads=16, num_kv_heads=8, tie_embeddings=True)
+    c = gsm8k_config()  # the same model, optimisation, replicas and evaluation schedule
+    c.name = "recipe_math"
     c.data.source = "DigitalLearningGmbH/MATH-lighteval"
+    c.data.subset = ""
     c.data.split = "train"
     c.data.question_field = "problem"
     c.data.answer_field = "solution"
     c.data.answer_format = "boxed"  # the gold answer is the solution's last \boxed{}
-    c.data.enable_thinking = False
     c.eval.source = "HuggingFaceH4/MATH-500"
     c.eval.split = "test"
     c.eval.question_field = "problem"
     c.eval.answer_field = "answer"
     c.eval.answer_format = "raw"  # MATH-500 gives the final answer itself
     c.eval.limit = 0  # all 500
-    c.eval.samples = 4
-    c.eval.every = 25
-    c.eval.at_start = True
     # Answers: competition solutions run long, with a real tail; 3072 new tokens.
     c.rollout.max_prompt_len = 512
     c.rollout.max_new_tokens = 3072
-    c.rollout.chunk_steps = 64
-    c.rollout.temperature = 1.0
     # 16 prompts x 8 answers = 128 rows per step, 8 rollout replicas of 16 rows: the bf16 weights (3.2 GiB) and
     # a KV cache of 16 x 3584 slots (6.1 GiB; tlt-inspect) per replica, next to the FSDP shard of the policy and
     # its optimizer state, fit a 16 GiB v5e chip
-    c.rl.steps = 300
     c.rl.prompts_per_step = 16
-    c.rl.group_size = 8
     c.rl.minibatches = 8
-    c.rl.lr = 1e-6
-    c.rl.warmup_steps = 10
-    c.rl.format_weight = 0.1
-    c.rl.prompt_multiple = 64
-    c.tlt.replicas = 8
-    c.tlt.sd_threshold = 16
-    c.train.checkpoint_every = 25
-    c.train.keep_checkpoints = 3
     return c
