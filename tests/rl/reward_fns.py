@@ -1,5 +1,7 @@
 """Reward functions the trainer tests plug in through ``rl.reward='tests.rl.reward_fns:<name>'``."""
 
+from tlt_jax.rl.rewards import RewardOutput
+
 
 def char_reward(answers, golds, finished):
     """Share of the answer's characters that are ASCII letters: gives a random tiny model's answers distinct
@@ -20,8 +22,6 @@ def nan_rewards(answers, golds, finished):
 def parity_correct(answers, golds, finished):
     """Correct when the answer's length in characters is even: gives the evaluation tests a mix of correct and
     wrong answers from a random tiny model (whose answers rarely finish)."""
-    from tlt_jax.rl.rewards import RewardOutput
-
     correct = [len(a) % 2 == 0 for a in answers]
     formatted = [bool(f) for f in finished]
     return RewardOutput([float(c) for c in correct], correct, formatted, 0)

@@ -214,19 +214,17 @@ def online_drafter(config, model: Decoder, graphdef, model_cfg: ModelConfig, log
         own = (first_warmup(c, model, tokenizer, warmup_dir, train, log)
                if t.warmup_at_start and warmup_dir and specs.speculative_spec(c).learned else None)
         if own is not None:
-            speculation = specs.speculative_spec(c)
-            log(f"[tlt] TLT: speculative rollouts, {speculation.strategy.name} with the {speculation.proposer} "
-                f"proposer")
-            return speculation, OnlineDrafter(own, warm=True, **online)
-        reason = str(e).split(". ")[0]  # the first sentence: what is missing where
-        if spot is not None:
-            log(f"[tlt] no warmed drafter ({reason}); a fresh one trains on idle replicas "
-                f"and the model-free arms (tlt.ngram_arms) draft until it has had {spot.warm_after} updates")
-            log("[tlt] TLT: speculative rollouts, the model-free arms until the drafter is warm")
-            fresh = Drafter(model_cfg, nnx.Rngs(stream_seed(int(c.seed), "drafter_init")))
-            return specs.speculative_spec(c), OnlineDrafter(fresh, warm=False, **online)
-        speculation, drafter = ngram_fallback(c), None
-        log(f"[tlt] no warmed drafter ({reason}); the n-gram proposer drafts")
+            speculation, drafter = specs.speculative_spec(c), own
+        else:
+            reason = str(e).split(". ")[0]  # the first sentence: what is missing where
+            if spot is not None:
+                log(f"[tlt] no warmed drafter ({reason}); a fresh one trains on idle replicas "
+                    f"and the model-free arms (tlt.ngram_arms) draft until it has had {spot.warm_after} updates")
+                log("[tlt] TLT: speculative rollouts, the model-free arms until the drafter is warm")
+                fresh = Drafter(model_cfg, nnx.Rngs(stream_seed(int(c.seed), "drafter_init")))
+                return specs.speculative_spec(c), OnlineDrafter(fresh, warm=False, **online)
+            speculation, drafter = ngram_fallback(c), None
+            log(f"[tlt] no warmed drafter ({reason}); the n-gram proposer drafts")
     log(f"[tlt] TLT: speculative rollouts, {speculation.strategy.name} with the {speculation.proposer} proposer")
     return speculation, (OnlineDrafter(drafter, warm=True, **online) if drafter is not None else None)
 

@@ -90,11 +90,11 @@ def evaluate_checkpoint(config, *, checkpoint: Optional[str] = None, step: Optio
     params = shd.tree_to_global(params, shd.tree_shardings(params, mesh))
     if checkpoint:
         _, meta = checkpoints.read_meta(run_dir, at)
-        checkpoints.check_matches(run_dir, at, "policy", params, config.name)
+        checkpoints.check_matches(run_dir, at, "policy", params, meta, config.name)
         like = {"policy": params}
         if online is not None and meta.get("drafter"):
             like["drafter"] = nnx.state(online.drafter, nnx.Param)
-            checkpoints.check_matches(run_dir, at, "drafter", like["drafter"], config.name)
+            checkpoints.check_matches(run_dir, at, "drafter", like["drafter"], meta, config.name)
         elif meta.get("drafter"):
             log("[tlt] the checkpoint's drafter is not used: this config rolls out without one")
         trees = checkpoints.restore(run_dir, like, mesh, at)

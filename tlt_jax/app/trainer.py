@@ -41,7 +41,7 @@ from tqdm import tqdm
 from tlt_jax.app import build, specs
 from tlt_jax.app.evaluator import Evaluator, write_outputs
 from tlt_jax.core.errors import CheckpointError
-from tlt_jax.core.jsonio import json_line
+from tlt_jax.core.jsonio import json_line, rounded
 from tlt_jax.core.seeds import numpy_stream
 from tlt_jax.models.drafter import Drafter
 from tlt_jax.parallel.mesh import make_mesh
@@ -53,13 +53,7 @@ from tlt_jax.rl.step import RLStep
 
 def step_line(metrics: Dict[str, Any]) -> str:
     """The per-step console line: ``[tlt] step N: `` and the step's metrics as strict JSON, floats rounded."""
-    def rounded(v):
-        if isinstance(v, dict):
-            return {k: rounded(x) for k, x in v.items()}
-        return round(v, 4) if isinstance(v, float) else v
-
-    line = json_line({k: rounded(v) for k, v in metrics.items() if k != "step"})
-    return f"[tlt] step {metrics['step']}: " + line
+    return f"[tlt] step {metrics['step']}: " + json_line(rounded({k: v for k, v in metrics.items() if k != "step"}))
 
 
 class Trainer:
@@ -309,8 +303,7 @@ class Trainer:
                     if isinstance(v, (int, float)) and math.isfinite(v):
                         writer.add_scalar(f"eval/{k}", v, self.step)
                 writer.flush()
-        self.log(f"[tlt] eval step {self.step}: " + json_line({k: round(v, 4) if isinstance(v, float) else v
-                                                               for k, v in summary.items()}).rstrip("\n"))
+        self.log(f"[tlt] eval step {self.step}: " + json_line(rounded(summary)).rstrip("\n"))
         return summary
 
     # ------------------------------------------------------------------------------------------ loop

@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 
 from tlt_jax.app.evaluator import evaluate_checkpoint
 from tlt_jax.cli.common import config_main
-from tlt_jax.core.jsonio import json_line
+from tlt_jax.core.jsonio import json_line, rounded
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -34,8 +34,7 @@ def run(config, args) -> int:
     step, result, path = evaluate_checkpoint(config, checkpoint=args.checkpoint or None, step=args.step,
                                              workdir=args.workdir or None, log=lambda m: print(m, flush=True),
                                              progress=not args.no_progress)
-    summary = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.summary.items()}
-    print(f"[tlt] eval step {step}: " + json_line(summary), end="", flush=True)
+    print(f"[tlt] eval step {step}: " + json_line(rounded(result.summary)), end="", flush=True)
     if path is not None:
         print(f"[tlt] records {path}; summary {path[:-len('.jsonl')]}.summary.json", flush=True)
     return 0

@@ -22,6 +22,13 @@ def finite_or_null(value: Any) -> Any:
     return value
 
 
+def rounded(value: Any, digits: int = 4) -> Any:
+    """``value`` with every float rounded to ``digits`` places, through dicts (console lines)."""
+    if isinstance(value, dict):
+        return {k: rounded(x, digits) for k, x in value.items()}
+    return round(value, digits) if isinstance(value, float) else value
+
+
 def json_line(record: Dict[str, Any]) -> str:
     """One strict-JSON line, newline-terminated."""
     return json.dumps(finite_or_null(record), allow_nan=False) + "\n"

@@ -110,13 +110,13 @@ def resolve(path: str, step: Optional[int] = None) -> Tuple[str, int]:
     return path, int(step)
 
 
-def check_matches(workdir: str, step: int, name: str, tree, config_name: str = "") -> None:
-    """A CheckpointError unless item ``name`` of the checkpoint holds arrays of the shapes and dtypes of
-    ``tree``'s leaves (a checkpoint of another model or drafter), naming the first difference."""
+def check_matches(workdir: str, step: int, name: str, tree, meta: Mapping[str, Any], config_name: str = "") -> None:
+    """A CheckpointError unless item ``name`` of the checkpoint (``meta``: its metadata, :func:`read_meta`) holds
+    arrays of the shapes and dtypes of ``tree``'s leaves (a checkpoint of another model or drafter), naming the
+    first difference."""
     stored = checkpoint.item_shapes(checkpoint_dir(workdir), name, step)
     paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
     live = {f"{i:05d}": (tuple(np.shape(x)), np.dtype(x.dtype).name) for i, x in enumerate(jax.tree.leaves(tree))}
-    _, meta = read_meta(workdir, step)
     where = f"{checkpoint_dir(workdir)}/{step} (written by config {meta.get('config_name')!r})"
     here = f"config {config_name!r}" if config_name else "this model"
     if len(stored) != len(live):

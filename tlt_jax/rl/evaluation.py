@@ -70,10 +70,10 @@ class EvalResult(NamedTuple):
 
 def _answers(rollout: Rollout, params, prompts: Sequence[Sequence[int]], *, batch_size: int, seed: int,
              stream: str, drafter: Optional[DrafterInput], progress: Optional[Callable[[int], None]]
-             ) -> Tuple[List[List[int]], List[str], List[int], List[Optional[float]], List[int]]:
-    """Answers to ``prompts`` in batches of ``batch_size`` rows: (tokens, finish reasons, lengths, accept
-    lengths per batch, verifies per row or -1 for plain decoding)."""
-    tokens, finish, lengths, accept, verifies = [], [], [], [], []
+             ) -> Tuple[List[List[int]], List[str], List[int], List[int]]:
+    """Answers to ``prompts`` in batches of ``batch_size`` rows: (tokens, finish reasons, lengths, verifies per
+    row or -1 for plain decoding)."""
+    tokens, finish, lengths, verifies = [], [], [], []
     for j, start in enumerate(range(0, len(prompts), batch_size)):
         rows = list(prompts[start:start + batch_size])
         real = len(rows)
@@ -82,12 +82,11 @@ def _answers(rollout: Rollout, params, prompts: Sequence[Sequence[int]], *, batc
         tokens += [list(t) for t in out.tokens[:real]]
         finish += list(out.finish_reasons[:real])
         lengths += [int(x) for x in np.asarray(out.lengths)[:real]]
-        accept.append(out.accept_len)
         verifies += ([int(v) for v in np.asarray(out.verifies)[:real]] if out.verifies is not None
                      else [-1] * real)
         if progress is not None:
             progress(real)
-    return tokens, finish, lengths, accept, verifies
+    return tokens, finish, lengths, verifies
 
 
 def _score(reward_fn, texts: List[str], golds: List[str], finish: List[str]) -> RewardOutput:
@@ -107,7 +106,7 @@ def evaluate(sampled: Rollout, greedy: Optional[Rollout], params, prompts: Seque
     n, p = settings.samples, len(prompts)
     t0 = time.perf_counter()
     rows = [prompts[i] for i in range(p) for _ in range(n)]
-    toks, finish, lengths, accept, verifies = _answers(sampled, params, rows, batch_size=settings.batch_size,
+    toks, finish, lengths, verifies = _answers(sampled, params, rows, batch_size=settings.batch_size,
                                                        seed=settings.seed, stream="eval", drafter=drafter,
                                                        progress=progress)
     texts = [decode(t) for t in toks]
@@ -117,7 +116,7 @@ def evaluate(sampled: Rollout, greedy: Optional[Rollout], params, prompts: Seque
     summary: Dict[str, Any] = {"problems": p, "samples": n}
     g_texts = g_finish = g_lengths = None
     if greedy is not None:
-        g_toks, g_finish, g_lengths, _, _ = _answers(greedy, params, list(prompts), batch_size=settings.batch_size,
+        g_toks, g_finish, g_lengths, _ = _answers(greedy, params, list(prompts), batch_size=settings.batch_size,
                                                      seed=settings.seed, stream="eval_greedy", drafter=drafter,
                                                      progress=progress)
         g_texts = [decode(t) for t in g_toks]
