@@ -41,6 +41,7 @@ def test_split_config_args():
     ("rollout.top_p=1.01", r"rollout.top_p must be in \(0, 1\]"),
     ("rollout.max_new_tokens=many", "cannot parse 'many'"),
     ("mesh.data=0", "mesh.data must be a positive size"),
+    ("mesh.train_devices=-1", "mesh.train_devices must be >= 0"),
     ("model.dtype=float8", "model.dtype must be"),
     ("model.arch.num_kv_heads=3", "multiple of num_kv_heads"),
     ("tlt.warmup_steps=0", "tlt.warmup_steps must be >= 1"),

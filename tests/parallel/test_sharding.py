@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 from tlt_jax.models.drafter import Drafter
 from tlt_jax.parallel import PARAM_RULES, STATE_RULES, ShardingRule, make_mesh, shard_model, spec_for
-from tlt_jax.parallel.mesh import mesh_shape
+from tlt_jax.parallel.mesh import first_local, mesh_shape
 from tlt_jax.rollout import RolloutSpec, SpeculativeSpec, SpecStrategy, generate
 
 needs8 = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (fake) devices")
@@ -78,6 +78,16 @@ def test_mesh_that_does_not_fit():
     with pytest.raises(ConfigError, match="do not divide"):
         mesh_shape({"data": 3, "fsdp": -1, "tensor": 1}, 8)
     assert mesh_shape({"data": 2, "fsdp": -1, "tensor": 2}, 8) == (2, 2, 2)
+
+
+def test_training_devices_are_the_first_of_every_process():
+    class Dev:
+        def __init__(self, i, p):
+            self.id, self.process_index = i, p
+    devs = [Dev(i, i // 4) for i in range(8)]  # two processes of four devices
+    assert [d.id for d in first_local(devs, 1)] == [0, 4]
+    assert [d.id for d in first_local(devs, 3)] == [0, 1, 2, 4, 5, 6]
+    assert first_local(devs, 0) == devs and first_local(devs, 9) == devs
 
 
 @needs8

@@ -120,6 +120,7 @@ def base_config() -> ml_collections.ConfigDict:
     ))
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))  # -1: all remaining devices
     c.mesh.cpu_devices = 0  # CPU hosts: split the host into this many XLA devices at start-up (0: as is)
+    c.mesh.train_devices = 0  # the training mesh: the first this-many devices of every process (0: all)
     # ---- RL training (tlt-train)
     c.tlt = ml_collections.ConfigDict(dict(
         enable=True,  # the A/B switch: True = speculative rollouts (TLT), False = plain rollouts (baseline)

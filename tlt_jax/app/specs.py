@@ -94,6 +94,15 @@ def cpu_devices(config) -> int:
     return n
 
 
+def train_devices(config) -> int:
+    """``mesh.train_devices``: the training mesh (log-prob forward, update, checkpoints) takes the first this-many
+    devices of every process (0: all of them; the rollout replicas always use all)."""
+    n = int(config.mesh.get("train_devices", 0))
+    if n < 0:
+        raise ConfigError(f"mesh.train_devices must be >= 0, got {n}")
+    return n
+
+
 # ------------------------------------------------------------------------------------------------ rollout
 
 
@@ -407,6 +416,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     cache_len(config)
     mesh_sizes(config)
     cpu_devices(config)
+    train_devices(config)
     _check_model(config)
     speculative_spec(config)
     warmup_spec(config)

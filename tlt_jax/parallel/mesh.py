@@ -45,6 +45,20 @@ def apply_cpu_devices(count: int, log=print) -> None:
         log(f"[tlt] mesh.cpu_devices={count} ignored: JAX has already started ({e})")
 
 
+def first_local(devices: Sequence[jax.Device], n: int) -> list:
+    """The first ``n`` devices of every process in ``devices``, in their order (``n`` = 0: all of them)."""
+    if n <= 0:
+        return list(devices)
+    seen: dict = {}
+    out = []
+    for d in devices:
+        k = seen.get(d.process_index, 0)
+        if k < n:
+            out.append(d)
+        seen[d.process_index] = k + 1
+    return out
+
+
 def make_mesh(sizes: Mapping[str, int], devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(sizes, len(devices))
