@@ -38,9 +38,11 @@ def test_rl_step_bench_runs_every_mode_and_writes_strict_json(tmp_path):
         # the baseline has no acceptance; only the learned-drafter modes are probed
         assert (r["accept_len"] is None) == (r["mode"] == "baseline")
         assert (r["probe_accept"] is None) == (r["mode"] in ("baseline", "tlt_base"))
+        assert (r["probe_initial"] is None) == (r["mode"] != "tlt")
     s = res["summary"]
     for key in ("rollout_speedup_tlt", "step_speedup_tlt", "rollout_speedup_tlt_base",
-                "accept_ratio_adaptive_vs_frozen", "rollout_accept_ratio_adaptive_vs_frozen", "spot_overhead"):
+                "accept_ratio_adaptive_vs_frozen", "accept_ratio_adaptive_vs_initial",
+                "rollout_accept_ratio_adaptive_vs_frozen", "spot_overhead"):
         assert isinstance(s[key], float) and math.isfinite(s[key]) and s[key] > 0, key
     assert {"pool_tlt_base", "pool_tlt", "pool_frozen"} <= set(res["extra"])
     assert "rollout_speedup_tlt_base" in p.stdout

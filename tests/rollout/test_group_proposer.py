@@ -74,6 +74,20 @@ def test_group_inputs_and_store():
         GroupStore(0)
 
 
+def test_group_sources_of_large_groups():
+    # each row: itself, its first siblings in row order, then stored answers, at most C; 20,000 rows of one
+    # prompt (the lossless tests' batches) lay out in linear time
+    rng = np.random.default_rng(3)
+    prompts = [[int(rng.integers(3))] for _ in range(40)]
+    for c in (1, 2, 5, 40):
+        sources, _, _ = group_inputs(prompts, cache_len=4, num_sources=c)
+        for i, p in enumerate(prompts):
+            want = ([i] + [j for j, q in enumerate(prompts) if q == p and j != i])[:c]
+            np.testing.assert_array_equal(sources[i], want + [-1] * (c - len(want)))
+    sources, _, _ = group_inputs([[7]] * 20_000, cache_len=4, num_sources=3)
+    np.testing.assert_array_equal(sources[[0, 1, 2, 19_999]], [[0, 1, 2], [1, 0, 2], [2, 0, 1], [19_999, 0, 1]])
+
+
 def test_group_config_errors():
     for over, msg in ((["speculative.proposer=group", "speculative.rule=sampled"], "drafts deterministically"),
                       (["speculative.proposer=group", "speculative.strategy=4_2_8"], "chains only"),

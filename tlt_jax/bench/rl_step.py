@@ -25,7 +25,8 @@ update), the acceptance length, the reward and the spot-training counters. ``sum
 ``rollout_speedup_tlt`` / ``step_speedup_tlt`` / ``rollout_speedup_tlt_base`` = baseline time / mode time
 over the first ``--steps`` steps; ``accept_ratio_adaptive_vs_frozen`` = mean ``probe_accept`` of ``tlt`` over
 its last three steps / the same of ``frozen`` (``rollout_accept_ratio_adaptive_vs_frozen``: the same with the
-engine's ``accept_len``). Last, with the adaptive run's final policy and drafter, the
+engine's ``accept_len``); ``accept_ratio_adaptive_vs_initial``: in the ``tlt`` run, the adapted drafter's probe
+against the probe of the drafter it started from (``probe_initial``), on the same policy and prompts each step. Last, with the adaptive run's final policy and drafter, the
 same rollout is timed with and without spot training, alternating (``spot_overhead``: the rollout-time cost
 of training the drafter on idle replicas of a shared device).
 
@@ -131,6 +132,10 @@ def main(argv=None) -> int:
     summary["accept_ratio_adaptive_vs_frozen"] = (
         _mean([r.get("probe_accept") for r in last if r["mode"] == "tlt"])
         / _mean([r.get("probe_accept") for r in last if r["mode"] == "frozen"]))
+    # the same policy and rollouts: the adapted drafter against the one the tlt run started from
+    summary["accept_ratio_adaptive_vs_initial"] = (
+        _mean([r.get("probe_accept") for r in last if r["mode"] == "tlt"])
+        / _mean([r.get("probe_initial") for r in last if r["mode"] == "tlt"]))
     summary["rollout_accept_ratio_adaptive_vs_frozen"] = (
         _mean([r["accept_len"] for r in last if r["mode"] == "tlt"])
         / _mean([r["accept_len"] for r in last if r["mode"] == "frozen"]))
@@ -138,7 +143,9 @@ def main(argv=None) -> int:
     print()
     for r in rows:
         r.setdefault("probe_accept", None)
-    print_table(rows, ["mode", "step", "rollout_s", "step_s", "accept_len", "probe_accept", "reward", "tokens",
+        r.setdefault("probe_initial", None)
+    print_table(rows, ["mode", "step", "rollout_s", "step_s", "accept_len", "probe_accept", "probe_initial",
+                       "reward", "tokens",
                        "len_max", "spot_steps", "idle_device_s", "drafter_loss"])
     print()
     for key, v in summary.items():
@@ -178,6 +185,9 @@ def _worker(args, overrides) -> int:
             widths.setdefault(round_up(max(len(p) for p in batch), 8), batch)
         for batch in widths.values():
             trainer.rollout(batch, seed=12345, train_drafter=False)  # warm-up rollouts train nothing
+        # the warmed drafter as the run starts: in the tlt mode it is probed beside the adapting one on the same
+        # policy, prompts and seed each step (the frozen mode's own probe follows its own policy)
+        initial = nnx.clone(trainer.drafter) if mode == "tlt" else None
         print(f"[bench] {mode}: compiled and warmed up in {time.perf_counter() - t0:.1f}s on "
               f"{len(jax.devices())} device(s)", flush=True)
 
@@ -191,6 +201,8 @@ def _worker(args, overrides) -> int:
                    "arm_chunks": m.get("arm_chunks", {})}
             if mode in ("tlt", "frozen"):
                 row["probe_accept"] = probe_accept(trainer, int(m["step"]) - 1)
+            if initial is not None:
+                row["probe_initial"] = probe_accept(trainer, int(m["step"]) - 1, initial)
             rows.append(row)
             print(f"[bench] {mode} step {row['step']}: rollout {row['rollout_s']:.1f}s, step {row['step_s']:.1f}s, "
                   f"accept {row['accept_len']:.2f}, probe {row.get('probe_accept', float('nan')):.2f}, reward "
@@ -208,17 +220,18 @@ def _worker(args, overrides) -> int:
     return 0
 
 
-def probe_accept(trainer, step: int) -> float:
-    """The drafter's acceptance length on a fixed probe: one answer to each prompt of RL step ``step`` by the
-    current policy, chain-4, the rollout's sampling settings, a fixed seed. The engine's own acceptance length
-    mixes in the chunks its bandit decoded plainly; this measures the drafter alone, the same way for every
-    mode and step."""
+def probe_accept(trainer, step: int, drafter=None) -> float:
+    """A drafter's acceptance length on a fixed probe (``drafter`` None: the run's): one answer to each prompt of
+    RL step ``step`` by the current policy, chain-4, the rollout's sampling settings, a fixed seed. The engine's
+    own acceptance length mixes in the chunks its bandit decoded plainly; this measures the drafter alone, the
+    same way for every mode and step."""
+    drafter = trainer.drafter if drafter is None else drafter
     # policy (on the training mesh) and drafter (where the spot trainer averaged it) onto one local device
     probe = build.fixed_rollout(trainer.config, trainer.graphdef, trainer.model_cfg, trainer.spec,
-                                speculation=SpeculativeSpec(SpecStrategy(depth=4)), drafter=trainer.drafter,
+                                speculation=SpeculativeSpec(SpecStrategy(depth=4)), drafter=drafter,
                                 mesh=build.one_device_mesh())
     prompts = [trainer.prompt_ids[i] for i in trainer.prompt_indices(step)]
-    out = probe.generate(trainer.params, prompts, seed=4242, drafter=DrafterInput(nnx.split(trainer.drafter)[1]))
+    out = probe.generate(trainer.params, prompts, seed=4242, drafter=DrafterInput(nnx.split(drafter)[1]))
     return out.accept_len
 
 

@@ -148,8 +148,9 @@ def group_inputs(prompts: Sequence[Sequence[int]], cache_len: int, num_sources: 
                 slot += 1
     sources = np.full((b, num_sources), -1, np.int32)
     for prompt, members in groups.items():
+        head = members[:num_sources]  # a row's siblings come first, in order: the first C - 1 besides itself
+        extra = stored.get(prompt, [])
         for i in members:
-            mine = [i] + [j for j in members if j != i] + stored.get(prompt, [])
-            mine = mine[:num_sources]
+            mine = ([i] + [j for j in head if j != i][:num_sources - 1] + extra)[:num_sources]
             sources[i, :len(mine)] = mine
     return sources, bank, bank_len
