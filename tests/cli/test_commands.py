@@ -1,10 +1,10 @@
 """The commands end to end, each run as a user runs it (its own process): the main job (GRPO) on the embedded
-and the tiny model, tlt-generate, tlt-warmup, tlt-inspect, tlt-launch, and their one-line errors."""
+and the tiny model, tlt-generate, tlt-warmup (after the main job, on its data), tlt-eval, tlt-inspect,
+tlt-launch, and their one-line errors."""
 
 import glob
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -17,9 +17,9 @@ from tlt_jax.io.drafter import load_drafter
 from tlt_jax.io.weights import load_checkpoint
 
 
-def train_main(args):
+def train_main(args, env=None):
     """tlt-train ARGS: (exit status, stdout, stderr)."""
-    p = run_command("tlt_jax.cli.train", args)
+    p = run_command("tlt_jax.cli.train", args, env=env)
     return p.returncode, p.stdout, p.stderr
 
 
@@ -47,6 +47,21 @@ def test_main_job_trains_the_embedded_model(tmp_path):
     assert row["rollout_tokens"] > 0 and row["accept_len"] >= 1.0 and row["time_update"] > 0
     assert row["drafter_proposes"] == 1.0  # the learned drafter drafts from the first rollout
     assert (wd / "checkpoints" / "1").is_dir() and (wd / "drafter").is_dir()
+    # tlt-warmup at the same toy settings into the run's drafter directory: the command reuses the answers the
+    # job's warm-up generated (same target, task and data settings), trains, checks and saves
+    p = run_command("tlt_jax.cli.warmup", [
+        "--config", "configs/smollm2_135m.py", "--out", str(wd / "drafter"),
+        "--config.drafter.warmup.num_prompts=4", "--config.drafter.warmup.eval_prompts=2",
+        "--config.drafter.warmup.max_new_tokens=12", "--config.drafter.warmup.gen_batch=4",
+        "--config.drafter.warmup.steps=3", "--config.drafter.warmup.batch_size=2",
+        "--config.drafter.warmup.seq_len=128", "--config.drafter.draft_vocab=512",
+        "--config.drafter.warmup.eval_temperatures=(0.0,)"])
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "reusing 4 answers" in p.stdout and "acceptance length" in p.stdout and "saved drafter" in p.stdout
+    _, model = load_checkpoint("embedded:smollm2")
+    drafter, meta = load_drafter(str(wd / "drafter"), model)
+    assert drafter.draft_vocab_size == 512
+    assert meta["extra"]["accept_len_chain4_greedy"] >= 1.0
 
 
 @pytest.mark.slow
@@ -93,7 +108,9 @@ def test_a_short_run_logs_checkpoints_and_plots(tmp_path):
     # 2 answers per prompt: 2 rows per replica, so buckets [2, 1]; without the plain arm the group proposer drafts
     # every chunk: 4 compiled rollout programs where 4 rows per replica and two arms compile 12
     small = ["rl.group_size=2", "tlt.plain_arm=False"]
-    rc, out, err = train_main(tiny_rl_args("rl.steps=3", *small) + ["--workdir", wd, "--no-progress"])
+    # one persistent XLA cache for the four commands: the later ones load the programs the first compiled
+    cache = dict(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    rc, out, err = train_main(tiny_rl_args("rl.steps=3", *small) + ["--workdir", wd, "--no-progress"], cache)
     assert rc == 0, err[-3000:]
     assert "model-free arms" in out and "done: 3 steps" in out
     rows = [strict(x) for x in open(os.path.join(wd, "metrics.jsonl"))]
@@ -108,17 +125,18 @@ def test_a_short_run_logs_checkpoints_and_plots(tmp_path):
     assert sorted(os.listdir(os.path.join(wd, "plots"))) == ["lengths.png", "reward.png", "time_split.png"]
     assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["2", "3"]
     # the same work dir again without --resume: refused, nothing overwritten
-    rc, out, err = train_main(tiny_rl_args("rl.steps=3", *small) + ["--workdir", wd])
+    rc, out, err = train_main(tiny_rl_args("rl.steps=3", *small) + ["--workdir", wd], cache)
     assert rc == 2
     assert "already holds a run" in err
     # --resume of a finished run has nothing to do; more steps continue it
-    rc, out, err = train_main(tiny_rl_args("rl.steps=4", *small) + ["--workdir", wd, "--resume", "--no-progress"])
+    rc, out, err = train_main(tiny_rl_args("rl.steps=4", *small) + ["--workdir", wd, "--resume", "--no-progress"],
+                              cache)
     assert rc == 0, err[-3000:]
     assert "resumed from" in out
     assert [json.loads(x)["step"] for x in open(os.path.join(wd, "metrics.jsonl"))] == [1, 2, 3, 4]
     # tlt-eval of the newest checkpoint through the run's own rollout (the adaptive engine, the run's drafter)
     p = run_command("tlt_jax.cli.evaluate", tiny_rl_args(*small, "eval.limit=2", "eval.samples=2")
-                    + ["--checkpoint", wd, "--no-progress"])
+                    + ["--checkpoint", wd, "--no-progress"], env=cache)
     assert p.returncode == 0, p.stderr[-3000:]
     line = [ln for ln in p.stdout.splitlines() if ln.startswith("[tlt] eval step 4: ")][0]
     summary = strict(line[len("[tlt] eval step 4: "):])
@@ -158,29 +176,3 @@ def test_launcher_reports_the_first_failure_and_stops_the_rest():
     assert launch_main(["--processes", "2", "--", sys.executable, "-c", "pass"])[0] == 0
     rc, out, err = launch_main(["--processes", "2"])
     assert rc == 2 and "no command to launch" in err
-
-
-@pytest.mark.slow
-def test_warmup_command_end_to_end(tmp_path):
-    """tlt-warmup at toy settings on the real model: data, training, held-out acceptance, saved drafter."""
-    out = tmp_path / "drafter"
-    cmd = [sys.executable, "-m", "tlt_jax.cli.warmup", "--config", "configs/smollm2_135m.py", "--out", str(out),
-           "--config.drafter.warmup.num_prompts=4", "--config.drafter.warmup.eval_prompts=2",
-           "--config.drafter.warmup.max_new_tokens=12", "--config.drafter.warmup.gen_batch=4",
-           "--config.drafter.warmup.steps=3", "--config.drafter.warmup.batch_size=2",
-           "--config.drafter.warmup.seq_len=128", "--config.drafter.draft_vocab=512",
-           "--config.drafter.warmup.eval_temperatures=(0.0,)"]
-    # a persistent XLA compilation cache shared by the two runs: the rerun loads the programs the first run compiled
-    # (the same executables) instead of compiling the 30-layer model's programs again
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla_cache"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert "acceptance length" in p.stdout and "saved drafter" in p.stdout
-    _, model = load_checkpoint("embedded:smollm2")
-    drafter, meta = load_drafter(str(out), model)
-    assert drafter.draft_vocab_size == 512
-    assert meta["extra"]["accept_len_chain4_greedy"] >= 1.0
-    # a rerun reuses the generated data
-    p2 = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert p2.returncode == 0 and "reusing 4 answers" in p2.stdout
