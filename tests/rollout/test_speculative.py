@@ -139,29 +139,29 @@ def test_greedy_speculative_equals_plain_float64():
         # stop tokens taken from the middle of the plain answers, and per-row limits
         stops = tuple({int(plain.tokens[0][9]), int(plain.tokens[2][17])})
         limits = [40, 13, 29, 6, 40]
-        specs = [(base, None), (RolloutSpec(max_new_tokens=40, chunk_steps=4, stop_tokens=stops), limits)]
+        spec = RolloutSpec(max_new_tokens=40, chunk_steps=4, stop_tokens=stops)
+        ref = generate(model, prompts, spec, max_new=limits)
+        # every proposer with the stop tokens and row limits
+        runs = [("warm", warm, "eagle", "target_only"), ("bad", bad, "eagle", "target_only"),
+                ("ngram", None, "ngram", "target_only"), ("plain", None, "none", "target_only"),
+                ("warm-sampled", warm, "eagle", "sampled"),  # greedy: the sampled rule is target-only
+                ("group", None, "group", "target_only"), ("hybrid", warm, "hybrid", "sampled")]
         accept = {}
-        for spec, lim in specs:
-            ref = generate(model, prompts, spec, max_new=lim)
-            runs = [("warm", warm, "eagle", "target_only"), ("bad", bad, "eagle", "target_only")]
-            if lim is not None:  # every proposer with stop tokens and row limits; the learned drafters also without
-                runs += [("ngram", None, "ngram", "target_only"), ("plain", None, "none", "target_only"),
-                         ("warm-sampled", warm, "eagle", "sampled"),  # greedy: the sampled rule is target-only
-                         ("group", None, "group", "target_only"), ("hybrid", warm, "hybrid", "sampled")]
-            for name, drafter, prop, rule in runs:
-                # a chain and a tree for the warmed drafter (each strategy is its own compiled program: the bulk of
-                # the time); the bad drafter's chain is the acceptance comparison
-                strategies = {"warm": ["chain-4", "4_3_10"], "warm-sampled": ["4_3_10"],
-                              "hybrid": ["4_3_10"]}.get(name, ["chain-4"])
-                for strat in strategies:
-                    speculation = SpeculativeSpec(SpecStrategy.parse(strat), proposer=prop, rule=rule)
-                    out = generate(model, prompts, spec, speculation=speculation, drafter=drafter, max_new=lim)
-                    assert out.tokens == ref.tokens, (name, strat)
-                    assert out.finish_reasons == ref.finish_reasons, (name, strat)
-                    for a, b in zip(out.logprobs, ref.logprobs):
-                        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)  # stored as float32
-                    accept[(name, strat, lim is None)] = out.accept_len
-        # the warmed drafter really speculates (long accepted runs), the bad one barely
-        assert accept[("warm", "4_3_10", True)] > 2.0, accept
-        assert accept[("warm", "chain-4", True)] > accept[("bad", "chain-4", True)], accept
+        for name, drafter, prop, rule in runs:
+            # a chain and a tree for the warmed drafter (each strategy is its own compiled program: the bulk of the
+            # time); the bad drafter's chain is the acceptance comparison
+            strategies = {"warm": ["chain-4", "4_3_10"], "warm-sampled": ["4_3_10"],
+                          "hybrid": ["4_3_10"]}.get(name, ["chain-4"])
+            for strat in strategies:
+                speculation = SpeculativeSpec(SpecStrategy.parse(strat), proposer=prop, rule=rule)
+                out = generate(model, prompts, spec, speculation=speculation, drafter=drafter, max_new=limits)
+                assert out.tokens == ref.tokens, (name, strat)
+                assert out.finish_reasons == ref.finish_reasons, (name, strat)
+                for a, b in zip(out.logprobs, ref.logprobs):
+                    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)  # stored as float32
+                accept[(name, strat)] = out.accept_len
+        # the warmed drafter really speculates (long accepted runs, short of the rows' stops and limits), the bad
+        # one barely
+        assert accept[("warm", "4_3_10")] > 1.8, accept  # 2.05 measured
+        assert accept[("warm", "chain-4")] > accept[("bad", "chain-4")], accept
         assert ref.finish_reasons.count("stop") >= 1 and "length" in ref.finish_reasons
