@@ -9,6 +9,7 @@ from kernels_pallas.attention import cached_attention
 from tests.helpers import run_command, strict_json
 from tlt_jax.app import aot
 from tlt_jax.app.config import load_config
+from tlt_jax.bench import aot as aot_bench
 from tlt_jax.parallel import chips
 
 pytestmark = [pytest.mark.tpu_aot,
@@ -109,7 +110,7 @@ def test_aot_command_compiles_for_a_tpu_target(tmp_path):
     assert p.returncode == 2 and "unknown target 'tpu-v9'" in p.stdout
 
 
-def test_projection_bench_writes_a_model_and_names_what_does_not_fit(tmp_path):
+def test_projection_bench_writes_a_model_and_names_what_does_not_fit(tmp_path, capsys):
     """bench.aot on the tiny model: the roofline table and the cost curve, labelled a model; a cache
     at batch 32 (8M slots: 30 GiB of KV cache per chip) does not fit a v5e: named with its bytes, exit status 1."""
     out = tmp_path / "aot.json"
@@ -133,8 +134,9 @@ def test_projection_bench_writes_a_model_and_names_what_does_not_fit(tmp_path):
     for argv, msg in ((["--target", "tpu-v9"], "unknown --target"), (["--target", "h100", "--programs", "x"],
                                                                      "--programs takes"),
                       (["--target", "h100", "--layers", "1"], "--layers must be")):
-        p = run_command("tlt_jax.bench.aot", argv)
-        assert p.returncode == 2 and msg in p.stderr, (argv, p.stderr[-500:])
+        with pytest.raises(SystemExit) as e:  # argparse's usage error, before anything compiles
+            aot_bench.main(argv)
+        assert e.value.code == 2 and msg in capsys.readouterr().err, argv
 
 
 def test_projection_extrapolated_from_fewer_layers_matches_the_full_depth(tmp_path):

@@ -2,7 +2,10 @@
 
 import math
 
+import pytest
+
 from tests.helpers import run_command, strict_json
+from tlt_jax.bench import overlap
 
 
 def test_overlap_bench_runs_each_layout(tmp_path):
@@ -15,5 +18,9 @@ def test_overlap_bench_runs_each_layout(tmp_path):
     for r in res["rows"]:
         assert all(math.isfinite(r[k]) and r[k] > 0 for k in ("one_s", "both_s", "both_over_one"))
         assert math.isclose(r["both_over_one"], r["both_s"] / r["one_s"])
-    p = run_command("tlt_jax.bench.overlap", ["--reps", "0"])
-    assert p.returncode == 2 and "--reps >= 1" in p.stderr
+
+
+def test_overlap_bench_refuses_bad_arguments(capsys):
+    with pytest.raises(SystemExit) as e:  # argparse's usage error, before any layout starts
+        overlap.main(["--reps", "0"])
+    assert e.value.code == 2 and "--reps >= 1" in capsys.readouterr().err

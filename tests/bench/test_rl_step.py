@@ -8,6 +8,7 @@ from flax import nnx
 from tests.helpers import run_command, strict_json
 from tests.rl.test_trainer import TINY_RL
 from tlt_jax.app.build import model_from_config
+from tlt_jax.bench import rl_step
 from tlt_jax.app.config import load_config
 from tlt_jax.io.drafter import save_drafter
 from tlt_jax.models.drafter import Drafter
@@ -48,9 +49,10 @@ def test_rl_step_bench_runs_every_mode_and_writes_strict_json(tmp_path):
     assert "rollout_speedup_tlt_base" in p.stdout
 
 
-def test_rl_step_bench_refuses_bad_arguments():
+def test_rl_step_bench_refuses_bad_arguments(capsys):
     for argv, msg in ((["--steps", "0"], "--steps >= 1"), (["--steps", "3", "--adaptive-steps", "2"], "--steps >= 1"),
                       (["--modes", "baseline,fast"], "unknown modes"), (["--bogus"], "unrecognised")):
-        p = run_command("tlt_jax.bench.rl_step", argv)
-        assert p.returncode == 2, argv
-        assert msg in p.stderr, argv
+        with pytest.raises(SystemExit) as e:  # argparse's usage error, before any mode starts
+            rl_step.main(argv)
+        assert e.value.code == 2, argv
+        assert msg in capsys.readouterr().err, argv
