@@ -26,9 +26,10 @@ update), the acceptance length, the reward and the spot-training counters. ``sum
 over the first ``--steps`` steps; ``accept_ratio_adaptive_vs_frozen`` = mean ``probe_accept`` of ``tlt`` over
 its last three steps / the same of ``frozen`` (``rollout_accept_ratio_adaptive_vs_frozen``: the same with the
 engine's ``accept_len``); ``accept_ratio_adaptive_vs_initial``: in the ``tlt`` run, the adapted drafter's probe
-against the probe of the drafter it started from (``probe_initial``), on the same policy and prompts each step. Last, with the adaptive run's final policy and drafter, the
-same rollout is timed with and without spot training, alternating (``spot_overhead``: the rollout-time cost
-of training the drafter on idle replicas of a shared device).
+against the probe of the drafter it started from (``probe_initial``), on the same policy and prompts each
+step. Last, with the adaptive run's final policy and drafter, the same rollout is timed with and without spot
+training, alternating (``spot_overhead``: the rollout-time cost of training the drafter on idle replicas of a
+shared device).
 
 The warmed drafter comes from ``tlt-warmup --config <config>`` (required).
 """
