@@ -36,7 +36,6 @@ from tlt_jax.engine.adaptive import AdaptiveEngine
 from tlt_jax.models.decoder import abstract_model, causal_mask, decode, verify
 from tlt_jax.models.drafter import Drafter
 from tlt_jax.models.kv_cache import init_cache
-from tlt_jax.parallel.mesh import make_mesh
 from tlt_jax.parallel.replicas import make_replicas
 from tlt_jax.parallel.sharding import bytes_per_device, opt_state_shardings, tree_shardings
 from tlt_jax.rl import grpo
@@ -108,7 +107,7 @@ def abstract_policy(config):
 
 def _train_layout(config, devices):
     cfg, graphdef, params = abstract_policy(config)
-    mesh = make_mesh(specs.mesh_sizes(config), devices)
+    mesh = specs.train_mesh(config, devices)
     pshard = tree_shardings(params, mesh)
     return cfg, graphdef, _with_sharding(params, pshard), pshard, mesh
 

@@ -21,7 +21,6 @@ from tlt_jax.app import build, specs
 from tlt_jax.core.errors import CheckpointError
 from tlt_jax.drafter.online import OnlineDrafter
 from tlt_jax.parallel import sharding as shd
-from tlt_jax.parallel.mesh import make_mesh
 from tlt_jax.rl import checkpoints
 from tlt_jax.rl.evaluation import EvalResult, evaluate, read_summaries, write_result
 from tlt_jax.rl.plots import write_eval_plot
@@ -80,7 +79,7 @@ def evaluate_checkpoint(config, *, checkpoint: Optional[str] = None, step: Optio
     tokenizer = build.tokenizer_from_config(config, "evaluation")
     graphdef, params = nnx.split(model)
     devices = list(jax.devices())
-    mesh = make_mesh(specs.mesh_sizes(config), devices)
+    mesh = specs.train_mesh(config, devices)  # the trainer's layout, which its checkpoints were written from
     run_dir, at = checkpoints.resolve(checkpoint, step) if checkpoint else (None, 0)
     if step is not None and not checkpoint:
         raise CheckpointError("--step needs --checkpoint")

@@ -6,7 +6,7 @@ One source of truth per setting: the ``rollout`` section says how answers are ge
 policy's probabilities are those of the distribution the answers were sampled from). ``rl`` holds only the
 optimisation (steps, group size, learning rate, loss), and the RL job refuses ``rollout.temperature = 0``.
 
-Builders: :func:`model_config`, :func:`mesh_sizes`, :func:`sampling_params`, :func:`rollout_spec`,
+Builders: :func:`model_config`, :func:`mesh_sizes`, :func:`train_mesh`, :func:`sampling_params`, :func:`rollout_spec`,
 :func:`speculative_spec`, :func:`engine_config`, :func:`grpo_config`, :func:`policy_optimizer`,
 :func:`spot_optimizer`, :func:`warmup_spec`, :func:`spot_spec`, :func:`data_source`, :func:`eval_source`,
 :func:`eval_settings`, :func:`eval_rollout_specs`; :func:`validate` runs every check.
@@ -18,8 +18,10 @@ import dataclasses
 import os
 from typing import Any, Dict, Optional, Sequence, Tuple
 
+import jax
 import ml_collections
 import optax
+from jax.sharding import Mesh
 
 from kernels_pallas.attention import NAMES as ATTENTION_IMPLEMENTATIONS
 from tlt_jax.core.errors import ConfigError
@@ -30,7 +32,7 @@ from tlt_jax.drafter.spot import SpotSpec
 from tlt_jax.drafter.warmup import WarmupSpec
 from tlt_jax.engine.adaptive import EngineConfig
 from tlt_jax.models.config import ModelConfig, RopeScaling
-from tlt_jax.parallel.mesh import MESH_AXES
+from tlt_jax.parallel.mesh import MESH_AXES, first_local, make_mesh
 from tlt_jax.rl.evaluation import EvalSettings
 from tlt_jax.rl.grpo import ADVANTAGES, AGGREGATIONS, GRPOConfig
 from tlt_jax.rollout.acceptance import RULES
@@ -101,6 +103,13 @@ def train_devices(config) -> int:
     if n < 0:
         raise ConfigError(f"mesh.train_devices must be >= 0, got {n}")
     return n
+
+
+def train_mesh(config, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+    """The training mesh (the log-prob forward, the update, checkpoints): ``mesh.*`` over ``devices`` (default:
+    every device of every process), or over the first ``mesh.train_devices`` of every process."""
+    devices = list(jax.devices() if devices is None else devices)
+    return make_mesh(mesh_sizes(config), first_local(devices, train_devices(config)))
 
 
 # ------------------------------------------------------------------------------------------------ rollout

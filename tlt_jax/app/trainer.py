@@ -44,7 +44,6 @@ from tlt_jax.core.errors import CheckpointError
 from tlt_jax.core.jsonio import json_line, rounded
 from tlt_jax.core.seeds import numpy_stream
 from tlt_jax.models.drafter import Drafter
-from tlt_jax.parallel.mesh import first_local, make_mesh
 from tlt_jax.parallel.multihost import barrier
 from tlt_jax.rl import checkpoints, evaluation
 from tlt_jax.rl.plots import write_plots
@@ -80,9 +79,9 @@ class Trainer:
         self.model_cfg, model = build.model_from_config(config, None)
         self.tokenizer = build.tokenizer_from_config(config, "training")
         self.graphdef, params = nnx.split(model)
-        # the training mesh: all devices, or the first mesh.train_devices of each process (a CPU host split into
-        # devices for the rollout replicas trains fastest on one of them: they share the process's cores)
-        self.mesh = make_mesh(specs.mesh_sizes(config), first_local(self.devices, specs.train_devices(config)))
+        # all devices, or the first mesh.train_devices of each process (a CPU host split into devices for the
+        # rollout replicas trains fastest on one of them: they share the process's cores)
+        self.mesh = specs.train_mesh(config, self.devices)
         log(f"[tlt] model {self.model_cfg.architecture} {self.model_cfg.num_params() / 1e6:.1f}M params, "
             f"loaded in {time.perf_counter() - t0:.1f}s; training mesh {dict(self.mesh.shape)} on "
             f"{self.mesh.devices.size} of the {len(self.devices)} devices")

@@ -15,7 +15,7 @@ from tlt_jax.app import specs
 from tlt_jax.app.inspect import inspect_config
 from tlt_jax.cli.common import config_main
 from tlt_jax.core import jsonio
-from tlt_jax.parallel.mesh import apply_cpu_devices, make_mesh
+from tlt_jax.parallel.mesh import apply_cpu_devices
 
 
 def _arguments(ap) -> None:
@@ -24,7 +24,7 @@ def _arguments(ap) -> None:
 
 
 def run(config, args) -> int:
-    report = inspect_config(config, make_mesh(specs.mesh_sizes(config)))
+    report = inspect_config(config, specs.train_mesh(config))
     print(f"{report['config']}: {report['num_params'] / 1e9:.2f}B params ({report['param_dtype']}, "
           f"{report['param_gib_total']:.2f} GiB), mesh {report['mesh']}")
     print(f"  parameters per device: {report['param_gib_per_device_max']:.3f} GiB (max over devices)")
