@@ -8,8 +8,8 @@ from flax import nnx
 from tests.helpers import run_command, strict_json
 from tests.rl.test_trainer import TINY_RL
 from tlt_jax.app.build import model_from_config
-from tlt_jax.bench import rl_step
 from tlt_jax.app.config import load_config
+from tlt_jax.bench import rl_step
 from tlt_jax.io.drafter import save_drafter
 from tlt_jax.models.drafter import Drafter
 

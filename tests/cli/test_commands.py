@@ -23,6 +23,13 @@ def train_main(args, env=None):
     return p.returncode, p.stdout, p.stderr
 
 
+# the warm-up's data and drafter settings at toy sizes, shared by the main job's first-run warm-up and the
+# tlt-warmup run after it (the same settings: the command reuses the job's answers)
+TOY_WARMUP = ["--config.drafter.warmup.max_new_tokens=12", "--config.drafter.warmup.gen_batch=4",
+              "--config.drafter.warmup.seq_len=128", "--config.drafter.warmup.eval_prompts=2",
+              "--config.drafter.draft_vocab=512"]
+
+
 @pytest.mark.slow
 def test_main_job_trains_the_embedded_model(tmp_path):
     wd = tmp_path / "run"
@@ -36,10 +43,7 @@ def test_main_job_trains_the_embedded_model(tmp_path):
                                "--config.train.plots=False", "--config.train.tensorboard=False",
                                "--config.tlt.arms=('chain-2',)", "--config.tlt.plain_arm=False",
                                f"--config.drafter.checkpoint={tmp_path / 'no_drafter'}",
-                               "--config.tlt.warmup_prompts=4", "--config.tlt.warmup_steps=3",
-                               "--config.drafter.warmup.max_new_tokens=12", "--config.drafter.warmup.gen_batch=4",
-                               "--config.drafter.warmup.seq_len=128", "--config.drafter.warmup.eval_prompts=2",
-                               "--config.drafter.draft_vocab=512"])
+                               "--config.tlt.warmup_prompts=4", "--config.tlt.warmup_steps=3"] + TOY_WARMUP)
     assert rc == 0, err[-3000:]
     assert "a short warm-up first (4 prompts, 3 steps" in out and "held-out acceptance" in out
     assert "TLT: speculative rollouts, chain-4 with the eagle proposer" in out and "done: 1 steps" in out
@@ -51,11 +55,8 @@ def test_main_job_trains_the_embedded_model(tmp_path):
     # job's warm-up generated (same target, task and data settings), trains, checks and saves
     p = run_command("tlt_jax.cli.warmup", [
         "--config", "configs/smollm2_135m.py", "--out", str(wd / "drafter"),
-        "--config.drafter.warmup.num_prompts=4", "--config.drafter.warmup.eval_prompts=2",
-        "--config.drafter.warmup.max_new_tokens=12", "--config.drafter.warmup.gen_batch=4",
-        "--config.drafter.warmup.steps=3", "--config.drafter.warmup.batch_size=2",
-        "--config.drafter.warmup.seq_len=128", "--config.drafter.draft_vocab=512",
-        "--config.drafter.warmup.eval_temperatures=(0.0,)"])
+        "--config.drafter.warmup.num_prompts=4", "--config.drafter.warmup.steps=3",
+        "--config.drafter.warmup.batch_size=2", "--config.drafter.warmup.eval_temperatures=(0.0,)"] + TOY_WARMUP)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "reusing 4 answers" in p.stdout and "acceptance length" in p.stdout and "saved drafter" in p.stdout
     _, model = load_checkpoint("embedded:smollm2")
