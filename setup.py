@@ -28,7 +28,8 @@ setup(
         "tensorboardX>=2.6",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "accelerate>=1.0", "import-linter>=2.1"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "accelerate>=1.0", "import-linter>=2.1",
+                 "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29"],  # nbclient runs paper_figures.ipynb
         # compile for TPU on any host: the libtpu build of this JAX gives compile-only TPU devices (tests: tpu_aot)
         "tpu": ["libtpu==0.0.42.*"],
         # compile the GPU kernel's Triton IR for sm_90 offline (tests: cuda_lower)
@@ -39,6 +40,7 @@ setup(
             "tlt-aot=tlt_jax.cli.aot:main",
             "tlt-eval=tlt_jax.cli.evaluate:main",
             "tlt-export-drafter=tlt_jax.cli.export_drafter:main",
+            "tlt-figures=tlt_jax.bench.figures:main",
             "tlt-generate=tlt_jax.cli.generate:main",
             "tlt-inspect=tlt_jax.cli.inspect_model:main",
             "tlt-launch=tlt_jax.cli.launch:main",

@@ -51,8 +51,10 @@ from tlt_jax.rl.step import RLStep
 
 
 def step_line(metrics: Dict[str, Any]) -> str:
-    """The per-step console line: ``[tlt] step N: `` and the step's metrics as strict JSON, floats rounded."""
-    return f"[tlt] step {metrics['step']}: " + json_line(rounded({k: v for k, v in metrics.items() if k != "step"}))
+    """The per-step console line: ``[tlt] step N: `` and the step's metrics as strict JSON, floats rounded (every
+    answer's length stays in metrics.jsonl; the line has their percentiles)."""
+    return f"[tlt] step {metrics['step']}: " + json_line(rounded({k: v for k, v in metrics.items()
+                                                                  if k not in ("step", "lengths")}))
 
 
 class Trainer:

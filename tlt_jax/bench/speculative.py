@@ -6,9 +6,10 @@
         [--min-rows 4] [--verify-sizes auto]
         [--groups 4,8] [--group-prompts 2] [--group-temperature 0.7]
         [--group-strategies ngram:chain-4,group:chain-4,chain-4@sampled,hybrid:chain-4@sampled]
+        [--config configs/smollm2_135m.py] [--config.a.b=v ...]
 
-Target: SmolLM2-135M-Instruct (embedded GGUF, float32) with the drafter saved by
-``tlt-warmup --config configs/smollm2_135m.py`` (``--drafter`` or the default directory). Prompts: held-out
+Target: the config's, by default SmolLM2-135M-Instruct (embedded GGUF, float32), with the drafter saved by
+``tlt-warmup --config <config>`` (``--drafter``, ``drafter.checkpoint`` or the default directory). Prompts: held-out
 task prompts (the same generator as the warm-up, another seed). Every row stops at its EOS or after
 ``--new-tokens`` tokens. For each (batch, temperature) the plain rollout and every strategy run the same prompts
 with the same seed; each is run twice and the second, fully compiled, run is timed.
@@ -86,9 +87,14 @@ def main(argv=None) -> int:
     ap.add_argument("--verify-sizes", default="auto",
                     help="also time one verify forward of V tokens against one decode step (batch 1): a list, "
                          "'auto' (1 and every strategy's V) or '' (skip)")
-    args = ap.parse_args(argv)
+    ap.add_argument("--config", default="configs/smollm2_135m.py",
+                    help="the target, tokenizer and task (--config.a.b=v overrides it)")
+    args, rest = ap.parse_known_args(argv)
+    unknown = [a for a in rest if not a.startswith("--config.")]
+    if unknown:
+        ap.error(f"unrecognised arguments: {unknown}")
 
-    config = load_config("smollm2_135m")
+    config = load_config(args.config, [a[len("--config."):] for a in rest])
     _, model = build.model_from_config(config)
     tokenizer = build.tokenizer_from_config(config, "the benchmark")
     stops = build.stop_tokens(config, tokenizer)
@@ -111,7 +117,7 @@ def main(argv=None) -> int:
             drafter, meta = load_drafter(ddir, model)
         except (CheckpointError, FileNotFoundError) as e:
             raise SystemExit(f"no usable drafter at {ddir} ({e}); run "
-                             f"`tlt-warmup --config configs/smollm2_135m.py` first")
+                             f"`tlt-warmup --config {args.config}` first")
         print(f"drafter from {ddir} (warm-up acceptance {meta.get('extra', {}).get('accept_len_chain4_greedy')})",
               flush=True)
     w = config.drafter.warmup

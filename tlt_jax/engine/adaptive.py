@@ -301,6 +301,7 @@ class AdaptiveEngine:
             spot.begin(self.replicas, {i: placed[i][0] for i in placed})
         decisions: List[Tuple] = []
         timeline: List[Tuple] = []
+        trace: List[Dict[str, Any]] = []  # the same per chunk and replica, with times and live rows (stats)
         bandit = self.bandits[phase]
         chunk = 0
         spot_steps = np.zeros(len(runs), np.int64)
@@ -323,6 +324,8 @@ class AdaptiveEngine:
                 elif spot is not None:
                     plan.append((i, "drafter", 0, ""))
             decisions.extend((chunk,) + p for p in plan)
+            t_chunk = time.perf_counter() - t_start
+            live_before = {run.replica.index: run.live for run in runs}
             # 2. dispatch
             for i, action, bucket, arm in plan:
                 run = runs[i]
@@ -364,6 +367,7 @@ class AdaptiveEngine:
                 if run.replica.local and run.live == 0:
                     counters[run.replica.index] = (0, 0, 0.0)
             counters = self._merge(counters)
+            t_merged = time.perf_counter() - t_start
             for i, action, bucket, arm in plan:
                 if action != "rollout":
                     continue
@@ -372,6 +376,10 @@ class AdaptiveEngine:
                 if bucket <= self.config.sd_threshold:
                     bandit.update(bucket, arm, reward)
                 timeline.append((chunk, i, bucket, arm, float(secs), float(gained)))
+                # every replica waits for the chunk's counters: a chunk spans [t_chunk, t_merged] for all
+                trace.append({"chunk": chunk, "replica": i, "bucket": bucket, "arm": arm, "t_start": t_chunk,
+                              "t_end": t_merged, "live_before": live_before[i], "live_after": int(counters[i, 0]),
+                              "tokens": int(gained)})
             chunk += 1
         t_end = time.perf_counter()
         for run in runs:
@@ -384,7 +392,7 @@ class AdaptiveEngine:
         idle = [(t_end - run.finished_at) * len(run.replica.devices) for run in runs if run.finished_at is not None]
         stats = {"phase": phase, "chunks": chunk, "rollout_s": t_end - t_start,
                  "idle_device_s": float(sum(idle)), "spot_steps": int(self._merge_sum(spot_steps).sum()),
-                 "arm_chunks": _count_arms(timeline), **_arm_rates(timeline),
+                 "arm_chunks": _count_arms(timeline), **_arm_rates(timeline), "timeline": trace,
                  **{f"pool_{k}": v for k, v in self.pool.stats().items()},
                  **spot_metrics}
         return output_from_rows(out, prefill_s=t_prefill, decode_s=t_end - t_start - t_prefill, num_chunks=chunk,

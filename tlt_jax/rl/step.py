@@ -188,7 +188,8 @@ class RLStep:
             reward_errors=int(rew.errors), truncated=float(np.mean([r == "length" for r in res.finish_reasons])),
             skipped_updates=skipped, time_rollout=t_rollout, time_reward=t_reward, time_logprob=t_logprob,
             time_update=t_update, rollout_tokens=int(lengths.sum()),
-            tokens_per_s=float(lengths.sum() / max(t_rollout, 1e-9)), **percentiles(lengths))
+            tokens_per_s=float(lengths.sum() / max(t_rollout, 1e-9)), **percentiles(lengths),
+            lengths=[int(n) for n in lengths])  # every answer's length (Fig 1 of tlt-figures draws them)
         metrics["step_time"] = t_rollout + t_reward + t_logprob + t_update
         if res.accept_len is not None:
             metrics["accept_len"] = float(res.accept_len)
