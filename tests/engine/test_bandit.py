@@ -103,6 +103,10 @@ def test_program_pool_is_bounded_and_counts():
     assert pool.get("e", lambda: "built", derive=lambda: None) == "built"
     st = pool.stats()
     assert (st["compiles"], st["relocations"]) == (5, 1) and pool.peek("e") == "built" and pool.peek("a") is None
+    # a relocated copy is never offered as the source of another relocation; a later compile of its key is
+    assert pool.peek("d") == "derived" and pool.compiled("d") is None and pool.compiled("e") == "built"
+    pool.get("f", lambda: "F")  # evicts 'd'
+    assert pool.get("d", lambda: "built d", derive=lambda: None) == "built d" and pool.compiled("d") == "built d"
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (2, 2)])

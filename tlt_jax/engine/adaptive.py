@@ -160,13 +160,13 @@ class AdaptiveEngine:
 
     def _pooled(self, pool: ProgramPool, replica: Replica, what: Tuple, build):
         """``pool``'s program ``what`` for the replica's devices: a pool hit, else another local replica's copy
-        of it relocated to these devices, else ``build()``."""
+        of it relocated to these devices (only a compiled one: see ``ProgramPool.compiled``), else ``build()``."""
         def key(r: Replica):
             return (tuple(d.id for d in r.mesh.devices.flat), tuple(r.mesh.shape.items())) + what
 
         def derive():
             for other in self.replicas:
-                src = pool.peek(key(other)) if other.local and other is not replica else None
+                src = pool.compiled(key(other)) if other.local and other is not replica else None
                 if src is not None and other.mesh.devices.shape == replica.mesh.devices.shape:
                     return relocate(src, list(other.mesh.devices.flat), list(replica.mesh.devices.flat))
             return None

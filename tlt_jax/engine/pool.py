@@ -39,6 +39,7 @@ class ProgramPool:
         self.hits = 0
         self.relocations = 0
         self.relocate_s = 0.0
+        self._derived: set = set()  # keys whose program came from ``derive`` (a relocated copy), not a compile
 
     def __len__(self) -> int:
         return len(self._programs)
@@ -49,6 +50,11 @@ class ProgramPool:
     def peek(self, key: Hashable) -> Any:
         """The program for ``key`` if the pool holds it (no hit counted, no recency change), else None."""
         return self._programs.get(key)
+
+    def compiled(self, key: Hashable) -> Any:
+        """Like ``peek``, but only a program this pool compiled itself: a relocated copy is never the source
+        of another relocation (XLA aborts the process when it serializes an executable it deserialized)."""
+        return None if key in self._derived else self._programs.get(key)
 
     def get(self, key: Hashable, build: Callable[[], Any], derive: Optional[Callable[[], Any]] = None) -> Any:
         """The compiled program for ``key``. On a miss, ``derive()`` (e.g. another replica's program relocated;
@@ -62,14 +68,17 @@ class ProgramPool:
         if prog is not None:
             self.relocate_s += time.perf_counter() - t0
             self.relocations += 1
+            self._derived.add(key)
         else:
             t0 = time.perf_counter()
             prog = build()
             self.compile_s += time.perf_counter() - t0
             self.compiles += 1
+            self._derived.discard(key)
         self._programs[key] = prog
         while len(self._programs) > self.max_programs:
-            self._programs.popitem(last=False)
+            old, _ = self._programs.popitem(last=False)
+            self._derived.discard(old)
             self.evictions += 1
         return prog
 
