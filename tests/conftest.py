@@ -1,6 +1,7 @@
 """Test setup: 8 fake CPU devices (for sharding tests) on the CPU platform, offline hub, float32 matmuls at full
 precision."""
 
+import gc
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -11,6 +12,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -24,3 +26,13 @@ def pytest_collection_modifyitems(config, items):
     heavy = {item.module.__name__ for item in items
              if item.module is not None and any(item.get_closest_marker(m) for m in _HEAVY_MARKERS)}
     items.sort(key=lambda item: item.module is None or item.module.__name__ not in heavy)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+    """After each module, drop JAX's caches of traced and compiled programs and collect the garbage: a test
+    worker runs many modules in one process, and their executables and buffers (8 devices' worth) would
+    otherwise pile up for the whole run."""
+    yield
+    jax.clear_caches()
+    gc.collect()

@@ -244,7 +244,7 @@ class Trainer:
 
     @property
     def metrics_path(self) -> str:
-        return os.path.join(self.workdir, "metrics.jsonl")
+        return checkpoints.metrics_path(self.workdir)
 
     @property
     def samples_path(self) -> str:
@@ -269,19 +269,13 @@ class Trainer:
             with open(path, "w") as f:
                 f.writelines(keep)
 
-    def _rows(self) -> List[Dict[str, Any]]:
-        if not os.path.exists(self.metrics_path):
-            return []
-        with open(self.metrics_path) as f:
-            return [json.loads(ln) for ln in f if ln.strip()]
-
     def read_metrics(self) -> List[Dict[str, Any]]:
         """The training rows of ``metrics.jsonl`` (one per RL step)."""
-        return [r for r in self._rows() if "eval" not in r]
+        return checkpoints.read_metrics(self.workdir)[0]
 
     def read_evals(self) -> List[Dict[str, Any]]:
         """The evaluation rows of ``metrics.jsonl``: ``{"step": N, "eval": summary}``."""
-        return [r for r in self._rows() if "eval" in r]
+        return checkpoints.read_metrics(self.workdir)[1]
 
     # ------------------------------------------------------------------------------------------ evaluation
 

@@ -36,7 +36,7 @@ import jax
 
 from tlt_jax.app import aot
 from tlt_jax.app.config import load_config
-from tlt_jax.bench.common import print_table, write_json
+from tlt_jax.bench.common import config_overrides, print_table, write_json
 from tlt_jax.core.errors import TltError
 from tlt_jax.core.shapes import default_cache_len, round_up
 from tlt_jax.parallel import chips
@@ -112,10 +112,7 @@ def main(argv=None) -> int:
         ap.error("--layers must be 0 (every layer) or >= 2 (extrapolated from N and N / 2 layers)")
     if args.target not in chips.CHIPS:
         ap.error(f"unknown --target {args.target!r}; known: {', '.join(sorted(chips.CHIPS))}")
-    unknown = [a for a in rest if not a.startswith("--config.")]
-    if unknown:
-        ap.error(f"unrecognised arguments: {unknown}")
-    config = load_config(args.config, [a[len("--config."):] for a in rest])
+    config = load_config(args.config, config_overrides(ap, rest))
     chip = chips.chip(args.target)
     try:
         devices = _devices(args.target)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import platform
 from typing import Dict, List, Sequence
 
+from tlt_jax.app.config import split_config_args
 from tlt_jax.core import jsonio
 
 BENCH_QUESTIONS = (
@@ -23,6 +25,15 @@ BENCH_QUESTIONS = (
 
 def questions(n: int) -> List[str]:
     return [BENCH_QUESTIONS[i % len(BENCH_QUESTIONS)] for i in range(n)]
+
+
+def config_overrides(ap: argparse.ArgumentParser, rest: Sequence[str]) -> List[str]:
+    """The ``--config.a.b=v`` (or ``--config.a.b v``) overrides among the arguments ``ap.parse_known_args`` left
+    over, as ``['a.b=v', ...]``; anything else left over is the parser's usage error."""
+    _, overrides, unknown = split_config_args(rest)
+    if unknown:
+        ap.error(f"unrecognised arguments: {unknown}")
+    return overrides
 
 
 def machine_info() -> Dict[str, object]:

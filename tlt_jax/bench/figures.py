@@ -62,12 +62,13 @@ from tlt_jax.app import specs
 from tlt_jax.app.build import model_from_config
 from tlt_jax.app.config import load_config
 from tlt_jax.app.trainer import Trainer
-from tlt_jax.bench.common import machine_info, write_json
+from tlt_jax.bench.common import config_overrides, machine_info, write_json
 from tlt_jax.core import jsonio
 from tlt_jax.core.errors import ConfigError, InputError
 from tlt_jax.io.drafter import save_drafter
 from tlt_jax.models.drafter import Drafter
 from tlt_jax.parallel.mesh import apply_cpu_devices
+from tlt_jax.rl import checkpoints
 from tlt_jax.rollout.tree import SpecStrategy
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -153,17 +154,15 @@ def read_source(kind: str, path: str) -> Dict[str, Any]:
 def train_source(path: str) -> Dict[str, Any]:
     """A training run's rows (metrics.jsonl) with the answer cap and temperature of its config.json."""
     workdir = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-    metrics = os.path.join(workdir, "metrics.jsonl") if os.path.isdir(path) else path
     config = os.path.join(workdir, "config.json")
-    for p in (metrics, config):
+    for p in (checkpoints.metrics_path(workdir), config):
         if not os.path.exists(p):
             raise FigureError(f"{workdir} is not a training run's work dir: no {os.path.basename(p)}")
-    with open(metrics) as f:
-        rows = [json.loads(ln) for ln in f if ln.strip()]
+    rows, evals = checkpoints.read_metrics(workdir)
     with open(config) as f:
         cfg = json.load(f)
     rollout = cfg.get("rollout", {})
-    return {"rows": [r for r in rows if "eval" not in r], "evals": [r for r in rows if "eval" in r],
+    return {"rows": rows, "evals": evals,
             "config": cfg.get("name", ""), "cap": rollout.get("max_new_tokens"),
             "temperature": rollout.get("temperature")}
 
@@ -646,10 +645,7 @@ def main(argv=None) -> int:
     ap.add_argument("--worker", default="", help=argparse.SUPPRESS)
     ap.add_argument("--json", default="", help=argparse.SUPPRESS)
     args, rest = ap.parse_known_args(argv)
-    unknown = [a for a in rest if not a.startswith("--config.")]
-    if unknown:
-        ap.error(f"unrecognised arguments: {unknown}")
-    args.overrides = [a[len("--config."):] for a in rest]
+    args.overrides = config_overrides(ap, rest)
     if args.seeds < 1 or args.steps < 1:
         ap.error("need --seeds >= 1 and --steps >= 1")
     if args.worker:

@@ -22,7 +22,7 @@ import numpy as np
 from tlt_jax.app import specs
 from tlt_jax.app.config import load_config
 from tlt_jax.app.trainer import Trainer
-from tlt_jax.bench.common import machine_info, print_table, write_json
+from tlt_jax.bench.common import config_overrides, machine_info, print_table, write_json
 from tlt_jax.core.seeds import stream_seed
 from tlt_jax.parallel.mesh import apply_cpu_devices
 from tlt_jax.rl.step import percentiles
@@ -46,10 +46,7 @@ def main(argv=None) -> int:
     args, rest = ap.parse_known_args(argv)
     if args.steps < 1:
         ap.error("--steps must be >= 1")
-    unknown = [a for a in rest if not a.startswith("--config.")]
-    if unknown:
-        ap.error(f"unrecognised arguments: {unknown}")
-    overrides = [a[len("--config."):] for a in rest]
+    overrides = config_overrides(ap, rest)
     config = load_config(args.config, overrides + ["tlt.enable=False", "mesh.cpu_devices=0",
                                                    "train.plots=False", "train.tensorboard=False"])
     apply_cpu_devices(specs.cpu_devices(config))  # before anything starts JAX

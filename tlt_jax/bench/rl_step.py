@@ -51,7 +51,7 @@ from flax import nnx
 from tlt_jax.app import build, specs
 from tlt_jax.app.config import load_config
 from tlt_jax.app.trainer import Trainer
-from tlt_jax.bench.common import machine_info, print_table, write_json
+from tlt_jax.bench.common import config_overrides, machine_info, print_table, write_json
 from tlt_jax.core import jsonio
 from tlt_jax.core.shapes import round_up
 from tlt_jax.parallel.mesh import apply_cpu_devices
@@ -92,10 +92,7 @@ def main(argv=None) -> int:
     bad = [m for m in modes + ([args.worker] if args.worker else []) if m not in MODES]
     if bad:
         ap.error(f"unknown modes {bad}; choose from {MODES}")
-    overrides = [a[len("--config."):] for a in rest if a.startswith("--config.")]
-    unknown = [a for a in rest if not a.startswith("--config.")]
-    if unknown:
-        ap.error(f"unrecognised arguments: {unknown}")
+    overrides = config_overrides(ap, rest)
     if args.worker:
         return _worker(args, overrides)
 

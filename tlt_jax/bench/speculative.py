@@ -50,7 +50,7 @@ from flax import nnx
 
 from tlt_jax.app import build, specs
 from tlt_jax.app.config import load_config
-from tlt_jax.bench.common import machine_info, print_table, write_json
+from tlt_jax.bench.common import config_overrides, machine_info, print_table, write_json
 from tlt_jax.core.errors import CheckpointError
 from tlt_jax.core.seeds import stream_seed
 from tlt_jax.core.shapes import round_up
@@ -90,11 +90,7 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default="configs/smollm2_135m.py",
                     help="the target, tokenizer and task (--config.a.b=v overrides it)")
     args, rest = ap.parse_known_args(argv)
-    unknown = [a for a in rest if not a.startswith("--config.")]
-    if unknown:
-        ap.error(f"unrecognised arguments: {unknown}")
-
-    config = load_config(args.config, [a[len("--config."):] for a in rest])
+    config = load_config(args.config, config_overrides(ap, rest))
     _, model = build.model_from_config(config)
     tokenizer = build.tokenizer_from_config(config, "the benchmark")
     stops = build.stop_tokens(config, tokenizer)

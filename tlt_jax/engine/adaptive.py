@@ -300,8 +300,8 @@ class AdaptiveEngine:
         if spot is not None:
             spot.begin(self.replicas, {i: placed[i][0] for i in placed})
         decisions: List[Tuple] = []
-        timeline: List[Tuple] = []
-        trace: List[Dict[str, Any]] = []  # the same per chunk and replica, with times and live rows (stats)
+        # per chunk and replica: bucket, arm, the replica's own seconds and tokens, the merged span, live rows
+        timeline: List[Dict[str, Any]] = []
         bandit = self.bandits[phase]
         chunk = 0
         spot_steps = np.zeros(len(runs), np.int64)
@@ -375,11 +375,10 @@ class AdaptiveEngine:
                 reward = gained / secs if secs > 0 else float("nan")
                 if bucket <= self.config.sd_threshold:
                     bandit.update(bucket, arm, reward)
-                timeline.append((chunk, i, bucket, arm, float(secs), float(gained)))
                 # every replica waits for the chunk's counters: a chunk spans [t_chunk, t_merged] for all
-                trace.append({"chunk": chunk, "replica": i, "bucket": bucket, "arm": arm, "t_start": t_chunk,
-                              "t_end": t_merged, "live_before": live_before[i], "live_after": int(counters[i, 0]),
-                              "tokens": int(gained)})
+                timeline.append({"chunk": chunk, "replica": i, "bucket": bucket, "arm": arm, "t_start": t_chunk,
+                                 "t_end": t_merged, "secs": float(secs), "live_before": live_before[i],
+                                 "live_after": int(counters[i, 0]), "tokens": int(gained)})
             chunk += 1
         t_end = time.perf_counter()
         for run in runs:
@@ -392,7 +391,7 @@ class AdaptiveEngine:
         idle = [(t_end - run.finished_at) * len(run.replica.devices) for run in runs if run.finished_at is not None]
         stats = {"phase": phase, "chunks": chunk, "rollout_s": t_end - t_start,
                  "idle_device_s": float(sum(idle)), "spot_steps": int(self._merge_sum(spot_steps).sum()),
-                 "arm_chunks": _count_arms(timeline), **_arm_rates(timeline), "timeline": trace,
+                 "arm_chunks": _count_arms(timeline), **_arm_rates(timeline), "timeline": timeline,
                  **{f"pool_{k}": v for k, v in self.pool.stats().items()},
                  **spot_metrics}
         return output_from_rows(out, prefill_s=t_prefill, decode_s=t_end - t_start - t_prefill, num_chunks=chunk,
@@ -431,10 +430,10 @@ def _arm_rates(timeline) -> Dict[str, Any]:
     and the share of the chunks' seconds spent in speculative arms (not ``plain``)."""
     secs: Dict[str, float] = {}
     toks: Dict[str, float] = {}
-    for _, _, bucket, arm, s, gained in timeline:
-        k = f"{bucket}:{arm}"
-        secs[k] = secs.get(k, 0.0) + s
-        toks[k] = toks.get(k, 0.0) + gained
+    for c in timeline:
+        k = f"{c['bucket']}:{c['arm']}"
+        secs[k] = secs.get(k, 0.0) + c["secs"]
+        toks[k] = toks.get(k, 0.0) + c["tokens"]
     total = sum(secs.values())
     spec = sum(v for k, v in secs.items() if not k.endswith(":plain"))
     return {"arm_tok_s": {k: toks[k] / secs[k] for k in secs if secs[k] > 0},
@@ -442,8 +441,8 @@ def _arm_rates(timeline) -> Dict[str, Any]:
 
 
 def _count_arms(timeline) -> Dict[str, int]:
-    c: Dict[str, int] = {}
-    for _, _, bucket, arm, _, _ in timeline:
-        k = f"{bucket}:{arm}"
-        c[k] = c.get(k, 0) + 1
-    return c
+    counts: Dict[str, int] = {}
+    for c in timeline:
+        k = f"{c['bucket']}:{c['arm']}"
+        counts[k] = counts.get(k, 0) + 1
+    return counts

@@ -14,8 +14,9 @@ types), and a JSON metadata item: ``format``, ``step``, ``data_pos``, ``seed``, 
 
 from __future__ import annotations
 
+import json
 import os
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -29,11 +30,27 @@ from tlt_jax.parallel.sharding import to_global, to_host
 FORMAT = "tlt_jax.grpo_trainer.v1"
 CHECKPOINT_DIR = "checkpoints"
 OWN_DRAFTER_DIR = "drafter"
+METRICS_FILE = "metrics.jsonl"
 REPLICATED_ITEMS = ("drafter", "drafter_opt")  # whole on every process
 
 
 def checkpoint_dir(workdir: str) -> str:
     return os.path.join(workdir, CHECKPOINT_DIR)
+
+
+def metrics_path(workdir: str) -> str:
+    """The run's ``metrics.jsonl``: one JSON object per RL step, and ``{"step": N, "eval": summary}`` rows."""
+    return os.path.join(workdir, METRICS_FILE)
+
+
+def read_metrics(workdir: str) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
+    """The run's (training rows, evaluation rows) of ``metrics.jsonl``, in file order; empty when it has none."""
+    path = metrics_path(workdir)
+    if not os.path.exists(path):
+        return [], []
+    with open(path) as f:
+        rows = [json.loads(ln) for ln in f if ln.strip()]
+    return [r for r in rows if "eval" not in r], [r for r in rows if "eval" in r]
 
 
 def own_drafter_dir(workdir: str) -> str:
