@@ -337,7 +337,11 @@ def _heatmap(ax, grid, xs, ys, title, fmt, cmap):
     ax.set_yticks(range(len(ys)), [str(y) for y in ys])
     for i in range(a.shape[0]):
         for j in range(a.shape[1]):
-            ax.text(j, i, "-" if math.isnan(a[i, j]) else fmt.format(a[i, j]), ha="center", va="center", fontsize=8)
+            v = a[i, j]
+            # white on the dark cells, black on the light ones (the cell's luminance in the colour map)
+            r, g, b, _ = im.cmap(im.norm(v)) if not math.isnan(v) else (1, 1, 1, 1)
+            color = "white" if 0.299 * r + 0.587 * g + 0.114 * b < 0.45 else "black"
+            ax.text(j, i, "-" if math.isnan(v) else fmt.format(v), ha="center", va="center", fontsize=8, color=color)
     ax.set_title(title, fontsize=10)
     return im
 
