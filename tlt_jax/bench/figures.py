@@ -206,8 +206,9 @@ def draw_fig1(fig, d):
     ax.set_xlabel("RL step")
     ax.set_ylabel("answer length (tokens)")
     ratio = [p90 / p50 for p50, p90 in zip(d["p50"], d["p90"]) if p50]
-    ax.set_title(f"Answer lengths per RL step ({d['config']}, T = {d['temperature']}; "
-                 f"p90 / p50 {min(ratio):.1f}-{max(ratio):.1f})" if ratio else "Answer lengths per RL step")
+    where = f"{os.path.basename(d['config'] or '')}, T = {d['temperature']}"
+    ax.set_title(f"Answer lengths per RL step\n({where}; p90 / p50 {min(ratio):.1f}-{max(ratio):.1f})" if ratio else
+                 f"Answer lengths per RL step\n({where})", fontsize=10)
     ax.legend(loc="upper left", fontsize=8, ncol=2)
     ax.grid(alpha=0.3)
 
