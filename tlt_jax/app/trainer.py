@@ -271,11 +271,11 @@ class Trainer:
 
     def read_metrics(self) -> List[Dict[str, Any]]:
         """The training rows of ``metrics.jsonl`` (one per RL step)."""
-        return checkpoints.read_metrics(self.workdir)[0]
+        return checkpoints.read_metrics(self.metrics_path)[0]
 
     def read_evals(self) -> List[Dict[str, Any]]:
         """The evaluation rows of ``metrics.jsonl``: ``{"step": N, "eval": summary}``."""
-        return checkpoints.read_metrics(self.workdir)[1]
+        return checkpoints.read_metrics(self.metrics_path)[1]
 
     # ------------------------------------------------------------------------------------------ evaluation
 

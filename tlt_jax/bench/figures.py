@@ -154,11 +154,12 @@ def read_source(kind: str, path: str) -> Dict[str, Any]:
 def train_source(path: str) -> Dict[str, Any]:
     """A training run's rows (metrics.jsonl) with the answer cap and temperature of its config.json."""
     workdir = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    metrics = checkpoints.metrics_path(workdir) if os.path.isdir(path) else path
     config = os.path.join(workdir, "config.json")
-    for p in (checkpoints.metrics_path(workdir), config):
+    for p in (metrics, config):
         if not os.path.exists(p):
             raise FigureError(f"{workdir} is not a training run's work dir: no {os.path.basename(p)}")
-    rows, evals = checkpoints.read_metrics(workdir)
+    rows, evals = checkpoints.read_metrics(metrics)
     with open(config) as f:
         cfg = json.load(f)
     rollout = cfg.get("rollout", {})

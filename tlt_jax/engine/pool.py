@@ -53,7 +53,8 @@ class ProgramPool:
 
     def compiled(self, key: Hashable) -> Any:
         """Like ``peek``, but only a program this pool compiled itself: a relocated copy is never the source
-        of another relocation (XLA aborts the process when it serializes an executable it deserialized)."""
+        of another relocation, so every serialized executable is one XLA compiled in this process (a test worker
+        once aborted inside the serialization, cause not found; this keeps relocation on its tested path)."""
         return None if key in self._derived else self._programs.get(key)
 
     def get(self, key: Hashable, build: Callable[[], Any], derive: Optional[Callable[[], Any]] = None) -> Any:

@@ -43,9 +43,9 @@ def metrics_path(workdir: str) -> str:
     return os.path.join(workdir, METRICS_FILE)
 
 
-def read_metrics(workdir: str) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
-    """The run's (training rows, evaluation rows) of ``metrics.jsonl``, in file order; empty when it has none."""
-    path = metrics_path(workdir)
+def read_metrics(path: str) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
+    """(training rows, evaluation rows) of a run's metrics file (``metrics_path``), in file order; empty lists when
+    the file does not exist yet."""
     if not os.path.exists(path):
         return [], []
     with open(path) as f:
