@@ -418,32 +418,38 @@ def extract_fig14(src):
 
 
 def draw_fig14(fig, d):
-    ax = fig.add_subplot(1, 1, 1)
+    """One panel per replica (a shared time axis): its live rows, its speculating chunks shaded by arm."""
     arms = sorted({c["arm"] for c in d["timeline"]} - {"plain"})
     cmap = {a: c for a, c in zip(arms, ["#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3"])}
-    shaded = set()
-    for rep in range(int(d["replicas"])):
+    reps = int(d["replicas"])
+    first = [c["t_start"] for c in d["timeline"] if c["arm"] != "plain"]
+    axes = fig.subplots(reps, 1, sharex=True, squeeze=False)[:, 0]
+    for rep, ax in enumerate(axes):
         chunks = sorted((c for c in d["timeline"] if c["replica"] == rep), key=lambda c: c["t_end"])
-        if not chunks:
-            continue
-        ts = [chunks[0]["t_start"]] + [c["t_end"] for c in chunks]
-        live = [chunks[0]["live_before"]] + [c["live_after"] for c in chunks]
-        ax.step(ts, live, where="post", lw=1.5, label=f"replica {rep}: live rows")
+        if chunks:
+            ts = [chunks[0]["t_start"]] + [c["t_end"] for c in chunks]
+            live = [chunks[0]["live_before"]] + [c["live_after"] for c in chunks]
+            ax.step(ts, live, where="post", lw=1.5, color="#4c72b0", label="live rows")
+        shaded = set()
         for c in chunks:
             if c["arm"] != "plain":
-                ax.axvspan(c["t_start"], c["t_end"], color=cmap[c["arm"]], alpha=0.18, lw=0,
+                ax.axvspan(c["t_start"], c["t_end"], color=cmap[c["arm"]], alpha=0.25, lw=0,
                            label=None if c["arm"] in shaded else f"speculating: {c['arm']}")
                 shaded.add(c["arm"])
-    first = [c["t_start"] for c in d["timeline"] if c["arm"] != "plain"]
-    if first:
-        ax.axvline(min(first), color="black", ls=":", lw=1, label=f"speculation on ({min(first):.1f} s)")
-    ax.axhline(d["sd_threshold"], color="gray", ls="--", lw=1, label=f"threshold ({d['sd_threshold']} rows)")
-    ax.set_xlabel("rollout time (s)")
-    ax.set_ylabel("live rows")
-    ax.set_title(f"One rollout of the adaptive engine ({os.path.basename(str(d['config']))}, "
-                 f"{d['rollout_s']:.1f} s)", fontsize=10)
-    ax.legend(fontsize=7, loc="upper right")
-    ax.grid(alpha=0.3)
+        if first:
+            ax.axvline(min(first), color="black", ls=":", lw=1,
+                       label=f"speculation on ({min(first):.1f} s)" if rep == 0 else None)
+        ax.axhline(d["sd_threshold"], color="gray", ls="--", lw=1,
+                   label=f"threshold ({d['sd_threshold']} rows)" if rep == 0 else None)
+        spec_chunks = sum(c["arm"] != "plain" for c in chunks)
+        ax.set_ylabel(f"replica {rep}\nlive rows", fontsize=9)
+        ax.text(0.01, 0.06, f"{spec_chunks} of {len(chunks)} chunks speculating", transform=ax.transAxes,
+                fontsize=8)
+        ax.legend(fontsize=7, loc="upper right")
+        ax.grid(alpha=0.3)
+    axes[-1].set_xlabel("rollout time (s)")
+    axes[0].set_title(f"One rollout of the adaptive engine ({os.path.basename(str(d['config']))}, "
+                      f"{d['rollout_s']:.1f} s)", fontsize=10)
 
 
 FIGURES: Dict[str, Figure] = {f.name: f for f in (
@@ -453,7 +459,8 @@ FIGURES: Dict[str, Figure] = {f.name: f for f in (
     Figure("fig12", "Fig 12: reward vs step, TLT vs baseline over seeds", "seeds", extract_fig12, draw_fig12, (10, 4)),
     Figure("fig13", "Fig 13: acceptance and speedup over depth x verified tokens", "speculative", extract_fig13,
            draw_fig13, (10, 4)),
-    Figure("fig14", "Fig 14: live rows vs time in one rollout", "rollout", extract_fig14, draw_fig14),
+    Figure("fig14", "Fig 14: live rows vs time in one rollout", "rollout", extract_fig14, draw_fig14,
+           (7.5, 5.2)),
     Figure("table4", "Table 4: speedup over batch x verified tokens", "speculative", extract_table4, draw_table4,
            (6.5, 4)),
     Figure("table6", "Table 6: adaptive vs frozen drafter acceptance", "rl_step", extract_table6, draw_table6),
