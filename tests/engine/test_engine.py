@@ -17,6 +17,7 @@ from tlt_jax.engine import AdaptiveEngine, EngineConfig
 from tlt_jax.parallel import make_replicas
 from tlt_jax.core.errors import ConfigError, InputError
 from tlt_jax.rollout import DrafterInput, RolloutSpec, generate
+from tlt_jax.rollout.sampling import SamplingParams
 
 SPEC = RolloutSpec(max_new_tokens=40, chunk_steps=4)
 
@@ -77,6 +78,23 @@ def test_compaction_and_arms_keep_greedy_outputs(setup, replicas, ndev, tensor):
     assert out.stats["pool_programs"] <= eng.pool.max_programs
     if replicas > 1:  # a program the other replica already had was relocated, not compiled
         assert out.stats["pool_relocations"] > 0
+
+
+def test_sampled_answers_do_not_depend_on_the_layout(setup):
+    """At T = 0.8 the engine (2 replicas, compaction, target-only arms and plain decoding) samples, for the same
+    seed, the answers plain decoding of the whole batch samples: each row's token at answer position t is drawn
+    from u(row, t), whichever replica, bucket or arm it runs in."""
+    model, drafter, prompts, max_new, _ = setup
+    hot = RolloutSpec(max_new_tokens=40, chunk_steps=4, sampling=SamplingParams(temperature=0.8))
+    ref = generate(model, prompts, hot, max_new=max_new, seed=5)
+    g, params = nnx.split(model)
+    config = EngineConfig(replicas=2, sd_threshold=2, arms=("chain-2",), ngram_arms=("ngram:chain-2",))
+    eng = AdaptiveEngine(g, hot, config, batch_size=8, cache_len=64, drafter_graphdef=nnx.split(drafter)[0],
+                         devices=jax.devices()[:2])
+    out = eng.generate(params, prompts, seed=5, drafter=DrafterInput(nnx.split(drafter)[1]), max_new=max_new)
+    assert out.tokens == ref.tokens
+    assert {d[4] for d in out.decisions if d[2] == "rollout"} > {"plain"}  # speculation ran too
+    assert generate(model, prompts, hot, max_new=max_new, seed=6).tokens != ref.tokens
 
 
 def test_group_and_hybrid_arms_keep_greedy_outputs(setup):

@@ -13,6 +13,7 @@ from tlt_jax.core.errors import ConfigError, InputError
 from tlt_jax.models import Decoder
 from tlt_jax.models.drafter import Drafter
 from tlt_jax.rollout import RolloutSpec, generate
+from tlt_jax.rollout.sampling import SamplingParams
 from tlt_jax.rollout.suffix import propose_ngram
 from tlt_jax.rollout.speculative import SpeculativeSpec, grow_tree
 from tlt_jax.rollout.tree import SpecStrategy, ancestor_mask
@@ -165,3 +166,25 @@ def test_greedy_speculative_equals_plain_float64():
         assert accept[("warm", "4_3_10")] > 1.8, accept  # 2.05 measured
         assert accept[("warm", "chain-4")] > accept[("bad", "chain-4")], accept
         assert ref.finish_reasons.count("stop") >= 1 and "length" in ref.finish_reasons
+        # Sampling (T = 0.5), the same seed: every target-only run commits at each answer position the token
+        # plain decoding draws there (u(row, t)), so the answers are token-identical to plain sampling's; the
+        # sampled rule draws other (equally distributed) answers.
+        hot = RolloutSpec(max_new_tokens=40, chunk_steps=4, stop_tokens=stops,
+                          sampling=SamplingParams(temperature=0.5))
+        ref = generate(model, prompts, hot, max_new=limits, seed=3)
+        assert ref.tokens != generate(model, prompts, hot, max_new=limits, seed=4).tokens
+        hot_accept = {}
+        for name, drafter, prop, strat in [("warm", warm, "eagle", "chain-4"), ("warm", warm, "eagle", "4_3_10"),
+                                           ("ngram", None, "ngram", "chain-4"), ("group", None, "group", "chain-4")]:
+            speculation = SpeculativeSpec(SpecStrategy.parse(strat), proposer=prop, rule="target_only")
+            out = generate(model, prompts, hot, speculation=speculation, drafter=drafter, max_new=limits, seed=3)
+            assert out.tokens == ref.tokens, (name, strat)
+            assert out.finish_reasons == ref.finish_reasons, (name, strat)
+            hot_accept[(name, strat)] = out.accept_len
+        # drafts were accepted, not only bonus tokens (the random tiny target's distribution is flat: at T = 0.8
+        # the acceptance was 1.01-1.05)
+        assert min(hot_accept.values()) > 1.0, hot_accept
+        sampled = generate(model, prompts, hot, speculation=SpeculativeSpec(SpecStrategy.parse("chain-4"),
+                                                                             rule="sampled"),
+                           drafter=warm, max_new=limits, seed=3)
+        assert sampled.tokens != ref.tokens

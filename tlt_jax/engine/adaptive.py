@@ -278,9 +278,12 @@ class AdaptiveEngine:
             toks, valid = pad_prompts(sel, side="left", multiple=self.prompt_multiple)
             lim = np.concatenate([limits[rows], np.ones(pad, np.int32)])
             sources, bank, bank_len = group_inputs(sel, self.cache_len, self.config.group_sources, self.store)
+            # each row's key from the seed and its index in the whole batch, as plain decoding makes it: the
+            # answers do not depend on the replica a row runs on (padding rows: indices past the batch)
+            ids = np.where(run.rows >= 0, run.rows, b + np.arange(self.top_bucket)).astype(np.int32)
             args = [jax.device_put(x, r.rows(self.top_bucket)) if x is not None else None
-                    for x in (toks, valid, lim, sources, bank, bank_len)]
-            key = jax.device_put(jax.random.fold_in(jax.random.PRNGKey(seed), r.index), r.replicated)
+                    for x in (toks, valid, lim, sources, bank, bank_len, ids)]
+            key = jax.device_put(jax.random.PRNGKey(seed), r.replicated)
             start = self._pooled(
                 self.start_pool, r, (toks.shape, dp is None, spec, self.cache_len, self.graphdef,
                                      self.drafter_graphdef, self.store is not None),

@@ -51,7 +51,9 @@ class Acceptance(NamedTuple):
     num_accepted: jax.Array  # [B] int32 accepted drafts m; m + 1 tokens are committed
 
 
-AcceptFn = Callable[[jax.Array, jax.Array, DraftTree, SamplingParams, int], Acceptance]
+# (key, logits, tree, sampling, max_depth, draws=None) -> Acceptance; ``draws`` [B, D + 1]: the uniforms of the
+# target's draws at walk depths 0..D (the answer positions they commit to), None: from ``key``
+AcceptFn = Callable[..., Acceptance]
 # (key, log q [..., N], k) -> (ranked scores [..., k], token ids [..., k]): the children of an expanded node
 ChildFn = Callable[[jax.Array, jax.Array, int], Tuple[jax.Array, jax.Array]]
 
@@ -62,8 +64,10 @@ class Rule(NamedTuple):
 
 
 def accept_target_only(key: jax.Array, logits: jax.Array, tree: DraftTree, sampling: SamplingParams,
-                       max_depth: int) -> Acceptance:
-    """logits: [B, V, Vocab] target logits at every tree node (the distribution of the node's next token)."""
+                       max_depth: int, draws: Optional[jax.Array] = None) -> Acceptance:
+    """logits: [B, V, Vocab] target logits at every tree node (the distribution of the node's next token).
+    ``draws`` [B, D + 1]: the uniform of the draw at walk depth j (None: drawn from ``key``); with the rollout's
+    position uniforms the walk commits the tokens plain decoding draws at those positions."""
     b, v, _ = logits.shape
     rows = jnp.arange(b)
     cur = jnp.zeros((b,), jnp.int32)
@@ -71,7 +75,8 @@ def accept_target_only(key: jax.Array, logits: jax.Array, tree: DraftTree, sampl
     num = jnp.zeros((b,), jnp.int32)
     path, toks, lps = [cur], [], []
     for j in range(max_depth + 1):
-        y, lp = sample(jax.random.fold_in(key, j), logits[rows, cur], sampling)
+        u = None if draws is None else draws[:, j]
+        y, lp = sample(None if key is None else jax.random.fold_in(key, j), logits[rows, cur], sampling, u)
         toks.append(y)
         lps.append(lp)
         if j == max_depth:
@@ -132,13 +137,16 @@ def recursive_rejection(key: jax.Array, p: jax.Array, q: jax.Array, tree: DraftT
 
 
 def accept_sampled(key: jax.Array, logits: jax.Array, tree: DraftTree, sampling: SamplingParams,
-                   max_depth: int, reuse_uniforms_after: Optional[int] = None, **variant) -> Acceptance:
+                   max_depth: int, draws: Optional[jax.Array] = None, reuse_uniforms_after: Optional[int] = None,
+                   **variant) -> Acceptance:
     """The sampled rule (module docstring). ``tree.draft_logq`` [B, V, Vocab]: the drafter's sampling log-probs
     at every node (the distribution its children were drawn from); ``tree.rank``: each node's draw order among
-    its siblings. ``reuse_uniforms_after`` and ``variant`` (``recursive_rejection``'s switches) make the
-    deliberately wrong rules of the statistical tests (e.g. depth 1's uniforms reused at every deeper level)."""
+    its siblings. ``draws`` [B, D + 1]: the uniforms of the draws from the target's (residual) distribution at
+    each walk depth (None: from ``key``); the acceptance tests always use ``key``. ``reuse_uniforms_after`` and
+    ``variant`` (``recursive_rejection``'s switches) make the deliberately wrong rules of the statistical tests
+    (e.g. depth 1's uniforms reused at every deeper level)."""
     if sampling.greedy or tree.draft_logq is None:
-        return accept_target_only(key, logits, tree, sampling, max_depth)
+        return accept_target_only(key, logits, tree, sampling, max_depth, draws)
     b = logits.shape[0]
     rows = jnp.arange(b)
     logp = sampling_logprobs(logits, sampling)  # [B, V, Vocab] the target's sampling distribution at each node
@@ -156,7 +164,8 @@ def accept_sampled(key: jax.Array, logits: jax.Array, tree: DraftTree, sampling:
             hit, child, p = recursive_rejection(k_node, p, q, tree, cur, going, **variant)
         else:
             hit, child = jnp.zeros((b,), bool), cur
-        drawn = inverse_cdf(k_draw, jnp.log(p)).astype(jnp.int32)  # the residual (or, with no child, p itself)
+        u = None if draws is None else draws[:, j]
+        drawn = inverse_cdf(k_draw, jnp.log(p), u).astype(jnp.int32)  # the residual (or, with no child, p itself)
         y = jnp.where(hit, tree.tokens[rows, child], drawn)
         toks.append(y)
         lps.append(node_logp[rows, y])

@@ -21,7 +21,7 @@ from tlt_jax.core.errors import InputError
 from tlt_jax.core.shapes import default_cache_len, round_up
 from tlt_jax.models.decoder import Decoder, decode, prefill
 from tlt_jax.models.kv_cache import KVCache, init_cache
-from tlt_jax.rollout.sampling import SamplingParams, sample
+from tlt_jax.rollout.sampling import SamplingParams, position_uniforms, row_keys, sample
 
 FINISH_RUNNING = 0
 FINISH_STOP = 1  # an EOS / stop token was produced (and is included in the answer)
@@ -57,7 +57,7 @@ class RolloutState:
     done: jax.Array  # [B] bool
     finish: jax.Array  # [B] int32 finish reason
     max_new: jax.Array  # [B] int32 per-row limit (<= N)
-    rng: jax.Array
+    row_keys: jax.Array  # [B, 2] each row's key: the token at answer position t is drawn with u(row, t)
 
 
 def is_stop_token(tok: jax.Array, spec: RolloutSpec) -> jax.Array:
@@ -89,38 +89,38 @@ def _record(state_fields, tok, lp, active, spec: RolloutSpec, cache_len_now, cac
     return tokens, logprobs, num, done, finish
 
 
-def rollout_start(params, prompt_tokens, prompt_valid, max_new, rng, *, graphdef, spec: RolloutSpec,
-                  cache_len: int) -> RolloutState:
+def rollout_start(params, prompt_tokens, prompt_valid, max_new, rng, row_ids=None, *, graphdef,
+                  spec: RolloutSpec, cache_len: int) -> RolloutState:
     """Prefill the prompts into a fresh cache and sample each row's first token.
 
-    prompt_tokens / prompt_valid: [B, P] (left or right padded); max_new: [B] int32.
+    prompt_tokens / prompt_valid: [B, P] (left or right padded); max_new: [B] int32; ``row_ids`` [B]: each
+    row's index in the whole batch, which with ``rng`` makes its key (``sampling.row_keys``; None: 0 .. B - 1).
     """
     model: Decoder = nnx.merge(graphdef, params)
     b = prompt_tokens.shape[0]
     cache = init_cache(model.cfg, b, cache_len)
     logits, _, cache = prefill(model, prompt_tokens, prompt_valid, cache, use_prefix=False,
                                attn_impl=spec.attn_impl)
-    rng, key = jax.random.split(rng)
-    tok, lp = sample(key, logits[:, 0], spec.sampling)
+    keys = row_keys(rng, jnp.arange(b) if row_ids is None else row_ids)
+    tok, lp = sample(None, logits[:, 0], spec.sampling, position_uniforms(keys, jnp.zeros((b,), jnp.int32)))
     n = spec.max_new_tokens
     fields = (jnp.zeros((b, n), jnp.int32), jnp.zeros((b, n), jnp.float32), jnp.zeros((b,), jnp.int32),
               jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32), max_new)
     tokens, logprobs, num, done, finish = _record(fields, tok, lp, jnp.ones((b,), bool), spec, cache.lengths,
                                                   cache_len)
     return RolloutState(cache=cache, next_token=tok, tokens=tokens, logprobs=logprobs, num_tokens=num, done=done,
-                        finish=finish, max_new=max_new, rng=rng)
+                        finish=finish, max_new=max_new, row_keys=keys)
 
 
 def decode_step(model: Decoder, st: RolloutState, spec: RolloutSpec) -> RolloutState:
     active = ~st.done
     logits, _, cache = decode(model, st.next_token, st.cache, active, attn_impl=spec.attn_impl)
-    rng, key = jax.random.split(st.rng)
-    tok, lp = sample(key, logits, spec.sampling)
+    tok, lp = sample(None, logits, spec.sampling, position_uniforms(st.row_keys, st.num_tokens))
     tok = jnp.where(active, tok, st.next_token)
     fields = (st.tokens, st.logprobs, st.num_tokens, st.done, st.finish, st.max_new)
     tokens, logprobs, num, done, finish = _record(fields, tok, lp, active, spec, cache.lengths, cache.max_len)
     return st.replace(cache=cache, next_token=tok, tokens=tokens, logprobs=logprobs, num_tokens=num, done=done,
-                      finish=finish, rng=rng)
+                      finish=finish)
 
 
 def rollout_chunk(params, state: RolloutState, *, graphdef, spec: RolloutSpec) -> RolloutState:

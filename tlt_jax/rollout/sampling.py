@@ -2,12 +2,18 @@
 
 ``SamplingParams`` is static (hashable): each setting is one compiled program. The same
 ``sampling_logprobs`` defines the distribution for plain decoding and, later, for lossless verification.
+
+Rollouts draw the token at answer position t of a row from the uniform u(row, t) (:func:`position_uniforms`
+of the row's key, :func:`row_keys`): the same seed then gives the same answers whatever the batch layout
+(replicas, compaction, mesh), and speculation under the target-only rule commits at each position the token
+plain decoding draws there -- token-identical answers at any temperature, up to floating-point differences
+between the programs' logits.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Tuple
+from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -80,28 +86,56 @@ def sampling_logprobs(logits: jax.Array, params: SamplingParams) -> jax.Array:
     return jax.nn.log_softmax(x, axis=-1)
 
 
-def inverse_cdf(key: jax.Array, logp: jax.Array) -> jax.Array:
+def row_keys(key: jax.Array, rows: jax.Array) -> jax.Array:
+    """[B, 2] one key per rollout row, from the rollout's ``key`` and the row's index ``rows`` [B] in the whole
+    batch (a stream of ``key`` apart from :func:`other_draws`)."""
+    return jax.vmap(jax.random.fold_in, (None, 0))(jax.random.fold_in(key, 0), rows.astype(jnp.uint32))
+
+
+def other_draws(key: jax.Array) -> jax.Array:
+    """The rollout's key for its draws that are not the target's tokens (independent of :func:`row_keys`)."""
+    return jax.random.fold_in(key, 1)
+
+
+def position_uniforms(keys: jax.Array, index: jax.Array) -> jax.Array:
+    """The uniform of answer position ``index`` ([B] or [B, W]) of each row of ``keys`` [B, 2]: u(row, t) is
+    ``uniform(fold_in(row key, t))``, so it depends on the row and the position only -- not on the batch layout,
+    the step the token is drawn in, or how many tokens that step commits."""
+    def one(k, i):
+        return jax.random.uniform(jax.random.fold_in(k, i.astype(jnp.uint32)), (), jnp.float32)
+
+    if index.ndim == 1:
+        return jax.vmap(one)(keys, index)
+    return jax.vmap(jax.vmap(one, (None, 0)))(keys, index)
+
+
+def inverse_cdf(key: Optional[jax.Array], logp: jax.Array, u: Optional[jax.Array] = None) -> jax.Array:
     """One draw per row from exp(logp) ([..., V] -> [...]) by inverting the cumulative distribution.
 
     Token i is drawn iff c[i-1] <= u < c[i] with u uniform on [0, c[V-1]): exactly the distribution, with one
     random number per row instead of V Gumbel variates (several times cheaper at 50k-token vocabularies).
-    Tokens of probability 0 (removed by top-k/top-p) are never drawn.
+    Tokens of probability 0 (removed by top-k/top-p) are never drawn. ``u`` [...]: the rows' uniforms on [0, 1)
+    (e.g. :func:`position_uniforms`); None draws them from ``key``.
     """
     p = jnp.exp(logp)
     c = jnp.cumsum(p, axis=-1)
-    u = jax.random.uniform(key, logp.shape[:-1] + (1,), dtype=c.dtype) * c[..., -1:]
+    if u is None:
+        u = jax.random.uniform(key, logp.shape[:-1], dtype=c.dtype)
+    u = u.astype(c.dtype)[..., None] * c[..., -1:]
     idx = jnp.sum(c <= u, axis=-1)  # c[idx] > u >= c[idx - 1], so p[idx] > 0
     # u rounding up to the total: take the last token of positive probability
     last = logp.shape[-1] - 1 - jnp.argmax(jnp.flip(p > 0, axis=-1), axis=-1)
     return jnp.where(idx >= logp.shape[-1], last, idx)
 
 
-def sample(key: jax.Array, logits: jax.Array, params: SamplingParams) -> Tuple[jax.Array, jax.Array]:
-    """Draws one token per row. logits: [B, V]. Returns (tokens [B] int32, log-prob of each token [B])."""
+def sample(key: Optional[jax.Array], logits: jax.Array, params: SamplingParams,
+           u: Optional[jax.Array] = None) -> Tuple[jax.Array, jax.Array]:
+    """Draws one token per row. logits: [B, V]; ``u`` [B]: the rows' uniforms (None: drawn from ``key``).
+    Returns (tokens [B] int32, log-prob of each token [B])."""
     logp = sampling_logprobs(logits, params)
     if params.greedy:
         tokens = jnp.argmax(logp, axis=-1)
     else:
-        tokens = inverse_cdf(key, logp)
+        tokens = inverse_cdf(key, logp, u)
     tokens = tokens.astype(jnp.int32)
     return tokens, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]

@@ -38,7 +38,8 @@ from tlt_jax.models.kv_cache import KVCache, init_cache
 from tlt_jax.rollout.acceptance import ChildFn, get_rule
 from tlt_jax.rollout.decode import FINISH_RUNNING, RolloutSpec, finish_reason, is_stop_token
 from tlt_jax.rollout.suffix import propose_suffix
-from tlt_jax.rollout.sampling import SamplingParams, sample, sampling_logprobs
+from tlt_jax.rollout.sampling import (SamplingParams, other_draws, position_uniforms, row_keys, sample,
+                                     sampling_logprobs)
 from tlt_jax.rollout.tree import DraftTree, SpecStrategy, ancestor_mask, chain_tree, chain_in_tree
 
 PROPOSERS = ("eagle", "ngram", "group", "hybrid", "none")
@@ -150,7 +151,8 @@ class SpecState:
     max_new: jax.Array  # [B]
     accepted: jax.Array  # [B] accepted draft tokens
     verifies: jax.Array  # [B] target forwards while the row was running
-    rng: jax.Array
+    row_keys: jax.Array  # [B, 2] each row's key: the target's draw at answer position t uses u(row, t)
+    rng: jax.Array  # the rest of the randomness (the drafter's draws, the sampled rule's acceptance tests)
 
 
 # ------------------------------------------------------------------------------------------------ drafting
@@ -297,12 +299,14 @@ def _extend_drafter(drafter: Drafter, target: Decoder, dcache: KVCache, feats, t
 
 
 def speculative_start(params, drafter_params, prompt_tokens, prompt_valid, max_new, rng, sources=None, bank=None,
-                      bank_len=None, *, graphdef, drafter_graphdef, spec: RolloutSpec, speculation: SpeculativeSpec,
-                      cache_len: int) -> SpecState:
+                      bank_len=None, row_ids=None, *, graphdef, drafter_graphdef, spec: RolloutSpec,
+                      speculation: SpeculativeSpec, cache_len: int) -> SpecState:
     """Prefill the target (and the drafter over the prompt's (feature, next token) pairs); first token.
 
     ``sources`` [B, C], ``bank`` [M, cache_len + 1] and ``bank_len`` [M] (``suffix.group_inputs``) lay out the
-    text table; without them each row's only source is its own text.
+    text table; without them each row's only source is its own text. ``row_ids`` [B]: each row's index in the
+    whole batch, which with ``rng`` makes its key (``sampling.row_keys``; None: 0 .. B - 1), as in plain
+    decoding's start.
     """
     model: Decoder = nnx.merge(graphdef, params)
     b, p = prompt_tokens.shape
@@ -310,8 +314,9 @@ def speculative_start(params, drafter_params, prompt_tokens, prompt_valid, max_n
     valid = prompt_valid.astype(bool)
     logits_all, hidden, cache = prefill(model, prompt_tokens, valid, cache, all_logits=False, use_prefix=False,
                                         attn_impl=spec.attn_impl)
-    rng, key = jax.random.split(rng)
-    tok, lp = sample(key, logits_all[:, 0], spec.sampling)
+    keys = row_keys(rng, jnp.arange(b) if row_ids is None else row_ids)
+    rng = other_draws(rng)
+    tok, lp = sample(None, logits_all[:, 0], spec.sampling, position_uniforms(keys, jnp.zeros((b,), jnp.int32)))
     n = cache.lengths
     rank = jnp.cumsum(valid, axis=1) - 1
     rows = jnp.arange(b)
@@ -353,7 +358,7 @@ def speculative_start(params, drafter_params, prompt_tokens, prompt_valid, max_n
                      history_len=history_len, row=rows.astype(jnp.int32), sources=sources.astype(jnp.int32),
                      next_token=tok,
                      tokens=tokens, logprobs=logprobs, num_tokens=num, done=reason != FINISH_RUNNING,
-                     finish=reason, max_new=max_new, accepted=zeros, verifies=zeros, rng=rng)
+                     finish=reason, max_new=max_new, accepted=zeros, verifies=zeros, row_keys=keys, rng=rng)
 
 
 def speculative_step(model: Decoder, drafter: Optional[Drafter], head_w, st: SpecState, spec: RolloutSpec,
@@ -399,10 +404,11 @@ def speculative_step(model: Decoder, drafter: Optional[Drafter], head_w, st: Spe
         mask = ancestor_mask(tree.parents, d_max)
         positions = (n[:, None] + tree.depth).astype(jnp.int32)
         logits, hidden, new_kv = verify(model, tree.tokens, positions, mask, cache, attn_impl=spec.attn_impl)
-    # 3. accept
-    acc = rule.accept(key, logits, tree, spec.sampling, d_max)
+    # 3. accept: the target's draw for answer position t uses u(row, t), as plain decoding's does
+    draws = position_uniforms(st.row_keys, st.num_tokens[:, None] + jnp.arange(d_max + 1, dtype=jnp.int32)[None])
+    acc = rule.accept(key, logits, tree, spec.sampling, d_max, draws=draws)
     if use_text is not None and sampled:  # the texts' deterministic drafts are verified target-only
-        by_text = get_rule("target_only").accept(key, logits, tree, spec.sampling, d_max)
+        by_text = get_rule("target_only").accept(key, logits, tree, spec.sampling, d_max, draws=draws)
         acc = jax.tree.map(lambda t, r: jnp.where(use_text.reshape((b,) + (1,) * (t.ndim - 1)), t, r), by_text, acc)
     w = d_max + 1
     j = jnp.arange(w, dtype=jnp.int32)[None, :]
