@@ -30,12 +30,13 @@ def stopping_model(tmp_path_factory):
 
 def _overrides(model_dir, *extra):
     # Answers of spread-out lengths, so one replica finishes before the other and trains the drafter; speculation
-    # off (sd_threshold=0), so every decision depends on token counts only and both runs take the same ones.
+    # off (sd_threshold=0), so every decision depends on token counts only and both runs take the same ones. With
+    # this seed a replica finishes early in step 2 (4 spot-training steps measured in one process).
     o = [f"model.checkpoint={model_dir}", "model.tokenizer=embedded:smollm2", "rollout.max_prompt_len=128",
          "rollout.max_new_tokens=32", "rollout.chunk_steps=4", "rl.prompts_per_step=2", "rl.group_size=4",
          "rl.lr=1e-3", "rl.kl_coef=0.05", "rl.reward=tests.rl.reward_fns:char_reward", "rl.steps=2",
          "tlt.replicas=2", "tlt.sd_threshold=0", "tlt.spot_rows=2", "tlt.spot_seq_len=64", "mesh.fsdp=-1",
-         "train.plots=False", "train.tensorboard=False", "seed=4"] + list(extra)
+         "train.plots=False", "train.tensorboard=False", "seed=1"] + list(extra)
     return [f"--config.{x}" for x in o]
 
 

@@ -76,8 +76,8 @@ def test_sampled_rule_accepts_more_than_target_only_at_t1():
 
 
 def _variant(**switches):
-    def rule(key, logits, tree, sampling, max_depth):
-        return acceptance.accept_sampled(key, logits, tree, sampling, max_depth, **switches)
+    def rule(key, logits, tree, sampling, max_depth, draws=None):
+        return acceptance.accept_sampled(key, logits, tree, sampling, max_depth, draws, **switches)
     return rule
 
 

@@ -93,9 +93,10 @@ def test_sampled_tokens_follow_target_distribution(which, sampling, strategy):
         assert accept > 1.18, accept
 
 
-def accept_without_residual(key, logits, tree, sampling, max_depth):
+def accept_without_residual(key, logits, tree, sampling, max_depth, draws=None):
     """A classic mistake: accept the first child with probability p(child), else draw the bonus from the full
-    distribution (instead of the residual with the child removed): over-weights drafted tokens."""
+    distribution (instead of the residual with the child removed): over-weights drafted tokens. Its draws all
+    come from ``key`` (the rollout's position uniforms ``draws`` are not used)."""
     b = logits.shape[0]
     rows = jnp.arange(b)
     cur = jnp.zeros((b,), jnp.int32)
