@@ -76,7 +76,7 @@ def accept_target_only(key: jax.Array, logits: jax.Array, tree: DraftTree, sampl
     path, toks, lps = [cur], [], []
     for j in range(max_depth + 1):
         u = None if draws is None else draws[:, j]
-        y, lp = sample(None if key is None else jax.random.fold_in(key, j), logits[rows, cur], sampling, u)
+        y, lp = sample(jax.random.fold_in(key, j), logits[rows, cur], sampling, u)
         toks.append(y)
         lps.append(lp)
         if j == max_depth:

@@ -21,7 +21,7 @@ from tlt_jax.core.errors import InputError
 from tlt_jax.core.shapes import default_cache_len, round_up
 from tlt_jax.models.decoder import Decoder, decode, prefill
 from tlt_jax.models.kv_cache import KVCache, init_cache
-from tlt_jax.rollout.sampling import SamplingParams, position_uniforms, row_keys, sample
+from tlt_jax.rollout.sampling import SamplingParams, row_keys, sample_at
 
 FINISH_RUNNING = 0
 FINISH_STOP = 1  # an EOS / stop token was produced (and is included in the answer)
@@ -101,8 +101,8 @@ def rollout_start(params, prompt_tokens, prompt_valid, max_new, rng, row_ids=Non
     cache = init_cache(model.cfg, b, cache_len)
     logits, _, cache = prefill(model, prompt_tokens, prompt_valid, cache, use_prefix=False,
                                attn_impl=spec.attn_impl)
-    keys = row_keys(rng, jnp.arange(b) if row_ids is None else row_ids)
-    tok, lp = sample(None, logits[:, 0], spec.sampling, position_uniforms(keys, jnp.zeros((b,), jnp.int32)))
+    keys = row_keys(rng, b, row_ids)
+    tok, lp = sample_at(keys, jnp.zeros((b,), jnp.int32), logits[:, 0], spec.sampling)
     n = spec.max_new_tokens
     fields = (jnp.zeros((b, n), jnp.int32), jnp.zeros((b, n), jnp.float32), jnp.zeros((b,), jnp.int32),
               jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32), max_new)
@@ -115,7 +115,7 @@ def rollout_start(params, prompt_tokens, prompt_valid, max_new, rng, row_ids=Non
 def decode_step(model: Decoder, st: RolloutState, spec: RolloutSpec) -> RolloutState:
     active = ~st.done
     logits, _, cache = decode(model, st.next_token, st.cache, active, attn_impl=spec.attn_impl)
-    tok, lp = sample(None, logits, spec.sampling, position_uniforms(st.row_keys, st.num_tokens))
+    tok, lp = sample_at(st.row_keys, st.num_tokens, logits, spec.sampling)
     tok = jnp.where(active, tok, st.next_token)
     fields = (st.tokens, st.logprobs, st.num_tokens, st.done, st.finish, st.max_new)
     tokens, logprobs, num, done, finish = _record(fields, tok, lp, active, spec, cache.lengths, cache.max_len)

@@ -86,9 +86,10 @@ def sampling_logprobs(logits: jax.Array, params: SamplingParams) -> jax.Array:
     return jax.nn.log_softmax(x, axis=-1)
 
 
-def row_keys(key: jax.Array, rows: jax.Array) -> jax.Array:
-    """[B, 2] one key per rollout row, from the rollout's ``key`` and the row's index ``rows`` [B] in the whole
-    batch (a stream of ``key`` apart from :func:`other_draws`)."""
+def row_keys(key: jax.Array, batch: int, rows: Optional[jax.Array] = None) -> jax.Array:
+    """[B, 2] one key per rollout row, from the rollout's ``key`` and each row's index ``rows`` [B] in the whole
+    batch (None: 0 .. batch - 1); a stream of ``key`` apart from :func:`other_draws`."""
+    rows = jnp.arange(batch) if rows is None else rows
     return jax.vmap(jax.random.fold_in, (None, 0))(jax.random.fold_in(key, 0), rows.astype(jnp.uint32))
 
 
@@ -139,3 +140,10 @@ def sample(key: Optional[jax.Array], logits: jax.Array, params: SamplingParams,
         tokens = inverse_cdf(key, logp, u)
     tokens = tokens.astype(jnp.int32)
     return tokens, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+
+
+def sample_at(keys: jax.Array, index: jax.Array, logits: jax.Array, params: SamplingParams
+              ) -> Tuple[jax.Array, jax.Array]:
+    """:func:`sample` of each row's token at answer position ``index`` [B], with the rows' position uniforms
+    (``keys`` [B, 2], :func:`row_keys`)."""
+    return sample(None, logits, params, None if params.greedy else position_uniforms(keys, index))

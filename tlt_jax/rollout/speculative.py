@@ -38,7 +38,7 @@ from tlt_jax.models.kv_cache import KVCache, init_cache
 from tlt_jax.rollout.acceptance import ChildFn, get_rule
 from tlt_jax.rollout.decode import FINISH_RUNNING, RolloutSpec, finish_reason, is_stop_token
 from tlt_jax.rollout.suffix import propose_suffix
-from tlt_jax.rollout.sampling import (SamplingParams, other_draws, position_uniforms, row_keys, sample,
+from tlt_jax.rollout.sampling import (SamplingParams, other_draws, position_uniforms, row_keys, sample_at,
                                      sampling_logprobs)
 from tlt_jax.rollout.tree import DraftTree, SpecStrategy, ancestor_mask, chain_tree, chain_in_tree
 
@@ -314,9 +314,9 @@ def speculative_start(params, drafter_params, prompt_tokens, prompt_valid, max_n
     valid = prompt_valid.astype(bool)
     logits_all, hidden, cache = prefill(model, prompt_tokens, valid, cache, all_logits=False, use_prefix=False,
                                         attn_impl=spec.attn_impl)
-    keys = row_keys(rng, jnp.arange(b) if row_ids is None else row_ids)
+    keys = row_keys(rng, b, row_ids)
     rng = other_draws(rng)
-    tok, lp = sample(None, logits_all[:, 0], spec.sampling, position_uniforms(keys, jnp.zeros((b,), jnp.int32)))
+    tok, lp = sample_at(keys, jnp.zeros((b,), jnp.int32), logits_all[:, 0], spec.sampling)
     n = cache.lengths
     rank = jnp.cumsum(valid, axis=1) - 1
     rows = jnp.arange(b)
