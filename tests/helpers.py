@@ -10,6 +10,7 @@ import sys
 import numpy as np
 from flax import nnx
 
+from tests.multiproc import child_env
 from tlt_jax.app.config import load_config
 from tlt_jax.app.specs import model_config
 from tlt_jax.core.optim import make_optimizer
@@ -58,9 +59,12 @@ def strict_json(text: str):
     return json.loads(text, parse_constant=refuse)
 
 
-def run_command(module: str, args, *, timeout: float = 900, env=None) -> subprocess.CompletedProcess:
+def run_command(module: str, args, *, timeout: float = 900, env=None, devices: int = 0) -> subprocess.CompletedProcess:
     """``python -m <module> <args>`` from the repository root, with this process's environment (offline, the
-    test device count); stdout and stderr captured as text."""
-    full = dict(os.environ, PYTHONPATH=REPO, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **(env or {}))
+    test device count, or ``devices`` CPU devices: 2 is what ``mesh.cpu_devices`` gives the CPU configs, one per
+    rollout replica, where the tests' 8 would shard every program over 4 times as many devices on the same
+    cores); stdout and stderr captured as text."""
+    base = child_env(devices) if devices else os.environ
+    full = dict(base, PYTHONPATH=REPO, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **(env or {}))
     return subprocess.run([sys.executable, "-m", module] + [str(a) for a in args], cwd=REPO, env=full,
                           capture_output=True, text=True, timeout=timeout)

@@ -36,10 +36,11 @@ def check_rl_step_source(res):
 @pytest.mark.slow  # every measurement on the tiny model (rl_step's four mode processes the longest), then nbclient
 def test_every_figure_quick_then_the_notebook_draws_them(tmp_path):
     out = tmp_path / "figures"
-    # the measurement processes share a persistent XLA cache: a program another one compiled is loaded
+    # the measurement processes share a persistent XLA cache (a program another one compiled is loaded) and run on
+    # the 2 CPU devices of the CPU configs (one per rollout replica)
     cache = dict(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     p = run_command("tlt_jax.bench.figures", ["all", "--quick", "--out", str(out), "--seeds", "2", "--steps", "2",
-                                              REWARD], env=cache, timeout=1500)
+                                              REWARD], env=cache, devices=2, timeout=1500)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     for name in figures.FIGURES:
         obj = strict_json((out / f"{name}.json").read_text())

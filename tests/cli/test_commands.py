@@ -17,9 +17,9 @@ from tlt_jax.io.drafter import load_drafter
 from tlt_jax.io.weights import load_checkpoint
 
 
-def train_main(args, env=None):
+def train_main(args, env=None, devices=0):
     """tlt-train ARGS: (exit status, stdout, stderr)."""
-    p = run_command("tlt_jax.cli.train", args, env=env)
+    p = run_command("tlt_jax.cli.train", args, env=env, devices=devices)
     return p.returncode, p.stdout, p.stderr
 
 
@@ -109,9 +109,10 @@ def test_a_short_run_logs_checkpoints_and_plots(tmp_path):
     # 2 answers per prompt: 2 rows per replica, so buckets [2, 1]; without the plain arm the group proposer drafts
     # every chunk: 4 compiled rollout programs where 4 rows per replica and two arms compile 12
     small = ["rl.group_size=2", "tlt.plain_arm=False"]
-    # one persistent XLA cache for the four commands: the later ones load the programs the first compiled
+    # one persistent XLA cache for the four commands (the later ones load the programs the first compiled), each on
+    # the CPU configs' 2 devices (one per rollout replica)
     cache = dict(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-    rc, out, err = train_main(tiny_rl_args("rl.steps=3", *small) + ["--workdir", wd, "--no-progress"], cache)
+    rc, out, err = train_main(tiny_rl_args("rl.steps=3", *small) + ["--workdir", wd, "--no-progress"], cache, 2)
     assert rc == 0, err[-3000:]
     assert "model-free arms" in out and "done: 3 steps" in out
     rows = [strict(x) for x in open(os.path.join(wd, "metrics.jsonl"))]
@@ -126,18 +127,18 @@ def test_a_short_run_logs_checkpoints_and_plots(tmp_path):
     assert sorted(os.listdir(os.path.join(wd, "plots"))) == ["lengths.png", "reward.png", "time_split.png"]
     assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["2", "3"]
     # the same work dir again without --resume: refused, nothing overwritten
-    rc, out, err = train_main(tiny_rl_args("rl.steps=3", *small) + ["--workdir", wd], cache)
+    rc, out, err = train_main(tiny_rl_args("rl.steps=3", *small) + ["--workdir", wd], cache, 2)
     assert rc == 2
     assert "already holds a run" in err
     # --resume of a finished run has nothing to do; more steps continue it
     rc, out, err = train_main(tiny_rl_args("rl.steps=4", *small) + ["--workdir", wd, "--resume", "--no-progress"],
-                              cache)
+                              cache, 2)
     assert rc == 0, err[-3000:]
     assert "resumed from" in out
     assert [json.loads(x)["step"] for x in open(os.path.join(wd, "metrics.jsonl"))] == [1, 2, 3, 4]
     # tlt-eval of the newest checkpoint through the run's own rollout (the adaptive engine, the run's drafter)
     p = run_command("tlt_jax.cli.evaluate", tiny_rl_args(*small, "eval.limit=2", "eval.samples=2")
-                    + ["--checkpoint", wd, "--no-progress"], env=cache)
+                    + ["--checkpoint", wd, "--no-progress"], env=cache, devices=2)
     assert p.returncode == 0, p.stderr[-3000:]
     line = [ln for ln in p.stdout.splitlines() if ln.startswith("[tlt] eval step 4: ")][0]
     summary = strict(line[len("[tlt] eval step 4: "):])
@@ -149,7 +150,7 @@ def test_a_short_run_logs_checkpoints_and_plots(tmp_path):
 def test_baseline_switch_runs_plain_rollouts(tmp_path):
     wd = str(tmp_path / "base")
     rc, out, err = train_main(tiny_rl_args("rl.steps=1", "tlt.enable=False", "train.plots=False")
-                              + ["--workdir", wd, "--no-progress"])
+                              + ["--workdir", wd, "--no-progress"], devices=2)
     assert rc == 0, err[-3000:]
     assert "baseline: plain rollouts" in out
     row = json.loads(open(os.path.join(wd, "metrics.jsonl")).readline())

@@ -2,7 +2,6 @@
 checkpoint killed while being written leaves the previous one usable; a failing write is a clear error."""
 
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import time
 import numpy as np
 import pytest
 
+from tests.multiproc import child_env
 from tests.rl.test_trainer import tiny_rl_args
 from tlt_jax.io import checkpoint
 
@@ -34,12 +34,10 @@ def _cmd(workdir, *extra):
 
 
 def _env(xla_cache=None, **kw):
-    env = dict(os.environ, PYTHONPATH=REPO, HF_HUB_OFFLINE="1")
     # 2 CPU devices (what mesh.cpu_devices=2 gives the CPU configs), not the 8 of tests/conftest.py: the policy and
     # its optimizer state are still sharded (and saved shard by shard), each rollout replica has a device of its
     # own, and a step costs far less on a small host
-    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
-    env["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=2").strip()
+    env = child_env(2)
     if xla_cache:
         env.update(JAX_COMPILATION_CACHE_DIR=xla_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     env.update(kw)
