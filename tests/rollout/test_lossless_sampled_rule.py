@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tests.rollout.test_lossless_sampling import (N, PROMPT, SAMPLINGS, VOCAB, _setup, chi_square_p, exact_joint,
-                                                  sample_counts)
+from tests.rollout.test_lossless_sampling import (CACHE, N, PROMPT, SAMPLINGS, VOCAB, _setup, chi_square_p,
+                                                  exact_joint, sample_counts)
 from tlt_jax.core.errors import ConfigError
 from tlt_jax.models.drafter import Drafter
 from tlt_jax.rollout import RolloutSpec, SamplingParams, SpeculativeSpec, SpecStrategy, acceptance, generate
@@ -182,6 +182,7 @@ def test_stop_tokens_and_row_limits_under_sampling(proposer, strategy, rule):
     spec = RolloutSpec(max_new_tokens=TOKENS, sampling=params, chunk_steps=4, stop_tokens=(stop,))
     limits = [2, TOKENS] * (N // 2)
     out = generate(model, [PROMPT] * N, spec, max_new=limits, drafter=good if proposer == "eagle" else None,
+                   cache_len=CACHE,
                    speculation=SpeculativeSpec(SpecStrategy.parse(strategy), proposer=proposer, rule=rule))
     joint = exact_joint(model, params, TOKENS)
     for limit in (2, TOKENS):
@@ -205,10 +206,10 @@ def test_group_and_hybrid_follow_target_distribution(proposer, strategy, rule, s
     speculation = SpeculativeSpec(SpecStrategy.parse(strategy), proposer=proposer, rule=rule, hybrid_min=2)
     store = GroupStore(per_prompt=4)
     drafter = good if proposer == "hybrid" else None
-    generate(model, [PROMPT] * 16, spec, speculation=speculation, drafter=drafter, seed=1, store=store,
+    generate(model, [PROMPT] * 16, spec, speculation=speculation, drafter=drafter, seed=1, store=store, cache_len=CACHE,
              group_sources=8)  # the earlier rollout: 4 answers are kept
     out = generate(model, [PROMPT] * N, spec, speculation=speculation, drafter=drafter, seed=2, store=store,
-                   group_sources=8)
+                   cache_len=CACHE, group_sources=8)
     toks = np.asarray(out.tokens)
     counts = np.zeros((VOCAB,) * TOKENS, np.int64)
     np.add.at(counts, tuple(toks[:, i] for i in range(TOKENS)), 1)
