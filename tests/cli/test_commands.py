@@ -112,7 +112,7 @@ def test_a_short_run_logs_checkpoints_and_plots(tmp_path):
     # one persistent XLA cache for the four commands (the later ones load the programs the first compiled), each on
     # the CPU configs' 2 devices (one per rollout replica)
     cache = dict(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-    rc, out, err = train_main(tiny_rl_args("rl.steps=3", *small) + ["--workdir", wd, "--no-progress"], cache, 2)
+    rc, out, err = train_main(tiny_rl_args("rl.steps=3", *small) + ["--workdir", wd, "--no-progress"], cache, devices=2)
     assert rc == 0, err[-3000:]
     assert "model-free arms" in out and "done: 3 steps" in out
     rows = [strict(x) for x in open(os.path.join(wd, "metrics.jsonl"))]
@@ -127,12 +127,12 @@ def test_a_short_run_logs_checkpoints_and_plots(tmp_path):
     assert sorted(os.listdir(os.path.join(wd, "plots"))) == ["lengths.png", "reward.png", "time_split.png"]
     assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["2", "3"]
     # the same work dir again without --resume: refused, nothing overwritten
-    rc, out, err = train_main(tiny_rl_args("rl.steps=3", *small) + ["--workdir", wd], cache, 2)
+    rc, out, err = train_main(tiny_rl_args("rl.steps=3", *small) + ["--workdir", wd], cache, devices=2)
     assert rc == 2
     assert "already holds a run" in err
     # --resume of a finished run has nothing to do; more steps continue it
     rc, out, err = train_main(tiny_rl_args("rl.steps=4", *small) + ["--workdir", wd, "--resume", "--no-progress"],
-                              cache, 2)
+                              cache, devices=2)
     assert rc == 0, err[-3000:]
     assert "resumed from" in out
     assert [json.loads(x)["step"] for x in open(os.path.join(wd, "metrics.jsonl"))] == [1, 2, 3, 4]
