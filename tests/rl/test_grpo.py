@@ -2,11 +2,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import optax
 from flax import nnx
 
 from tests.helpers import tiny_model
 from tlt_jax.core.optim import make_optimizer
+from tlt_jax.core.shapes import answer_width, answer_widths
+from tlt_jax.parallel.mesh import make_mesh
 from tlt_jax.rl import grpo
+from tlt_jax.rl.step import RLStep, build_batch
+from tlt_jax.rollout import RolloutSpec, SamplingParams
+from tlt_jax.rollout.host import PlainRollout
 
 
 def test_group_advantages():
@@ -126,7 +132,6 @@ def test_a_nan_loss_skips_the_update():
 
 
 def test_remat_gives_the_same_update():
-    import optax
 
     graphdef, params, batch = _train_setup([1.0, -0.5, 0.25, -0.75])
     sgd = optax.sgd(1.0)  # new params = params - gradient
@@ -147,9 +152,6 @@ def test_remat_gives_the_same_update():
 
 
 def test_bucketed_widths_and_a_chunked_head_train_like_the_padded_batch():
-    from tlt_jax.core.shapes import answer_width, answer_widths
-    from tlt_jax.rl.step import build_batch
-
     assert answer_widths(128, 4) == (16, 32, 64, 128) and answer_widths(100, 3) == (32, 56, 100)
     assert answer_widths(128, 1) == (128,) and answer_width(0, 128, 4) == 16
     assert answer_width(17, 128, 4) == 32 and answer_width(500, 128, 4) == 128
@@ -184,3 +186,42 @@ def test_bucketed_widths_and_a_chunked_head_train_like_the_padded_batch():
         np.testing.assert_allclose(float(l4), float(l1), rtol=1e-5)
         for x, y in zip(jax.tree.leaves(g1), jax.tree.leaves(g4)):
             np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-4, atol=1e-6)
+
+
+class _Limited(PlainRollout):
+    """Plain decoding with a length limit per row: answers of 3 to 30 tokens in a fixed pattern."""
+
+    LIMITS = [3, 30, 5, 2, 7, 4, 6, 1]
+
+    def generate(self, params, prompts, **kw):
+        return super().generate(params, prompts, max_new=self.LIMITS, **kw)
+
+
+def test_each_mini_batch_trains_at_its_own_width_like_the_padded_batch():
+    """RLStep with 4 mini-batches of 2 answers, one of them 30 tokens long (cap 32): with answer buckets every
+    mini-batch is cut to its own longest answer (one at width 32, three at 8), and the step ends with the
+    parameters and losses of the batch padded to the cap (plain SGD: the parameters move by the gradients)."""
+    cfg, model = tiny_model(seed=2)
+    graphdef, params = nnx.split(model)
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(1, 200, size=n).tolist() for n in (4, 6, 3, 5) for _ in range(2)]
+    spec = RolloutSpec(max_new_tokens=32, sampling=SamplingParams(temperature=1.0), chunk_steps=8)
+    mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    out = {}
+    for buckets in (1, 4):
+        step = RLStep(graphdef, jax.tree.map(jnp.copy, params), mesh,
+                      rollout=_Limited(graphdef, spec), reward_fn=lambda a, g, f: [len(x) % 3 for x in a],
+                      grpo_config=grpo.GRPOConfig(), optimizer=optax.sgd(1.0), decode=str,
+                      minibatches=4, prompt_multiple=8, max_new_tokens=32, answer_buckets=buckets)
+        res = step.run(prompts, [""] * len(prompts), group_size=2, index=0)
+        assert list(res.rollout.lengths) == _Limited.LIMITS
+        out[buckets] = res.metrics, [np.asarray(x) for x in jax.tree.leaves(step.params)]
+    (m1, p1), (m4, p4) = out[1], out[4]
+    assert m1["update_widths"] == [32] * 4 and sorted(m4["update_widths"]) == [8, 8, 8, 32]
+    assert m1["pg_loss"] != 0.0
+    for k in ("pg_loss", "grad_norm", "entropy", "ratio_mean"):
+        np.testing.assert_allclose(m4[k], m1[k], rtol=1e-5, err_msg=k)
+    moved = max(float(np.abs(a - np.asarray(b)).max()) for a, b in zip(p1, jax.tree.leaves(params)))
+    assert moved > 1e-4  # the updates changed the policy
+    for a, b in zip(p1, p4):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)

@@ -184,7 +184,9 @@ def base_config() -> ml_collections.ConfigDict:
         reward="math",  # 'math' (math-verify on the boxed answer) or 'module.path:function'
         format_weight=0.1,  # extra reward for a finished answer with a boxed result
         prompt_multiple=32,  # prompts are padded to a multiple of this (fewer compiled shapes)
-        answer_buckets=4,  # update batches: the answer width is the smallest of cap, cap/2, ... (this many) that fits
+        # the answer width of the log-prob forward (the batch) and of each mini-batch's update: the smallest of
+        # cap, cap/2, ... (this many widths) that holds its longest answer; 1: always the cap
+        answer_buckets=4,
     ))
     # Held-out evaluation (tlt-eval, and during training every eval.every steps): the data options of `data`
     # ('' = as data.*), sampled answers per problem at eval.temperature plus a greedy pass, through the run's

@@ -11,9 +11,10 @@ become its training data.
 
 Batch layout of the update: see :mod:`tlt_jax.rl.grpo`. Every row is padded to the prompt width (a multiple of
 ``prompt_multiple``) plus an answer width: the smallest of ``answer_buckets`` widths (``max_new_tokens``, half
-of it, a quarter, ...; :func:`~tlt_jax.core.shapes.answer_widths`) that holds the batch's longest answer, so
-the log-prob forward and the update pay for the tokens that exist, over a few compiled shapes. Losses and
-gradients do not depend on the width (padding is masked and every mean is over answer tokens).
+of it, a quarter, ...; :func:`~tlt_jax.core.shapes.answer_widths`) that holds the longest answer, the batch's
+for the log-prob forward and each mini-batch's own for its update (a long-tailed batch's few long answers make
+one mini-batch wide, not all of them), so both pay for the tokens that exist, over a few compiled shapes.
+Losses and gradients do not depend on the width (padding is masked and every mean is over answer tokens).
 """
 
 from __future__ import annotations
@@ -113,6 +114,54 @@ class RLStep:
 
     # ------------------------------------------------------------------------------------------ one step
 
+    def logprobs(self, tokens: np.ndarray, valid: np.ndarray, num_answer: int):
+        """The log-prob forward of a batch in the training layout (host arrays): (the policy's answer log-probs
+        [B, N], the frozen reference's (zeros without one), both on the host; the policy's final hidden states,
+        on the devices)."""
+        rows = grpo.batch_shardings(self.mesh, len(tokens))
+        logprob = self._logprob_fn(len(tokens), num_answer)
+        toks_g, valid_g = shd.to_global(tokens, rows.tokens), shd.to_global(valid, rows.valid)
+        old_logp, _, hidden = logprob(self.params, toks_g, valid_g)
+        old_logp = shd.to_host(old_logp)
+        ref_logp = (shd.to_host(logprob(self.ref_params, toks_g, valid_g)[0]) if self.ref_params is not None
+                    else np.zeros_like(old_logp))
+        return old_logp, ref_logp, hidden
+
+    def update(self, index: int, tokens, valid, amask, adv, old_logp, ref_logp, *, own_widths: bool = True):
+        """The updates of step ``index`` on a batch in the training layout (host arrays, :func:`build_batch`), one
+        per mini-batch (rows in a seeded random order). ``own_widths``: each mini-batch is cut to the answer width
+        of its own longest answer (False: every one at the batch's width; the update benchmark's comparison).
+        Returns (summed metrics of the applied updates, skipped updates, each mini-batch's answer width)."""
+        m = self.minibatches
+        size = len(tokens) // m
+        n = amask.shape[1]
+        order = numpy_stream(self.seed, "minibatch_order", index).permutation(len(tokens))
+        update, mb = self._update_fn(size), grpo.batch_shardings(self.mesh, size)
+        sums: Dict[str, float] = {}
+        skipped = 0
+        widths = []
+        for k in range(m):
+            sel = order[k * size:(k + 1) * size]
+            # the mini-batch's own answer width: only the one that holds the longest answer pays for it
+            w = answer_width(int(amask[sel].sum(1).max()), self.max_new_tokens, self.answer_buckets) \
+                if own_widths else n
+            widths.append(w)
+            cut = tokens.shape[1] - n + w
+            host = (tokens[sel, :cut], valid[sel, :cut], amask[sel, :w], adv[sel], old_logp[sel, :w],
+                    ref_logp[sel, :w])
+            batch = grpo.TrainBatch(*(shd.to_global(x, s) for x, s in zip(host, mb)))
+            self.params, self.opt_state, met = update(self.params, self.opt_state, batch)
+            met = {k2: float(v) for k2, v in jax.device_get(met).items()}
+            if met["skipped"]:
+                skipped += 1
+                warnings.warn(f"step {index}: non-finite loss or gradient in mini-batch {k} "
+                              f"(loss {met['pg_loss']}, grad norm {met['grad_norm']}); update skipped",
+                              RuntimeWarning, stacklevel=3)
+                continue
+            for k2, v in met.items():
+                sums[k2] = sums.get(k2, 0.0) + v
+        return sums, skipped, widths
+
     def generate(self, prompts: List[List[int]], seed: int, train_drafter: bool = True,
                  rl_step: int = 0) -> RolloutOutput:
         """The rollout of one step (the drafter, if any, proposes once warm and trains on idle replicas)."""
@@ -145,41 +194,16 @@ class RLStep:
                                                 max_new_tokens=self.max_new_tokens,
                                                 answer_buckets=self.answer_buckets)
         n = amask.shape[1]
-        rows = grpo.batch_shardings(self.mesh, len(prompts))
-        logprob = self._logprob_fn(len(prompts), n)
-        toks_g, valid_g = shd.to_global(tokens, rows.tokens), shd.to_global(valid, rows.valid)
-        old_logp, _, hidden = logprob(self.params, toks_g, valid_g)
-        old_logp = shd.to_host(old_logp)
-        ref_logp = (shd.to_host(logprob(self.ref_params, toks_g, valid_g)[0]) if self.ref_params is not None
-                    else np.zeros_like(old_logp))
+        old_logp, ref_logp, hidden = self.logprobs(tokens, valid, n)
         if self.drafter is not None and self.drafter.buffer is not None:
             self.drafter.add_features(index, tokens, shd.to_host(hidden), valid, answer_start=tokens.shape[1] - n)
         del hidden
         t_logprob = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        m = self.minibatches
-        size = len(prompts) // m
-        order = numpy_stream(self.seed, "minibatch_order", index).permutation(len(prompts))
-        update, mb = self._update_fn(size), grpo.batch_shardings(self.mesh, size)
-        sums: Dict[str, float] = {}
-        skipped = 0
-        for k in range(m):
-            sel = order[k * size:(k + 1) * size]
-            host = (tokens[sel], valid[sel], amask[sel], adv[sel], old_logp[sel], ref_logp[sel])
-            batch = grpo.TrainBatch(*(shd.to_global(x, s) for x, s in zip(host, mb)))
-            self.params, self.opt_state, met = update(self.params, self.opt_state, batch)
-            met = {k2: float(v) for k2, v in jax.device_get(met).items()}
-            if met["skipped"]:
-                skipped += 1
-                warnings.warn(f"step {index}: non-finite loss or gradient in mini-batch {k} "
-                              f"(loss {met['pg_loss']}, grad norm {met['grad_norm']}); update skipped",
-                              RuntimeWarning, stacklevel=2)
-                continue
-            for k2, v in met.items():
-                sums[k2] = sums.get(k2, 0.0) + v
+        sums, skipped, widths = self.update(index, tokens, valid, amask, adv, old_logp, ref_logp)
         t_update = time.perf_counter() - t0
-        done = m - skipped
+        done = self.minibatches - skipped
         metrics = {k2: v / done for k2, v in sums.items() if k2 != "skipped"} if done else {}
         lengths = np.asarray(res.lengths)
         metrics.update(
@@ -189,6 +213,7 @@ class RLStep:
             skipped_updates=skipped, time_rollout=t_rollout, time_reward=t_reward, time_logprob=t_logprob,
             time_update=t_update, rollout_tokens=int(lengths.sum()),
             tokens_per_s=float(lengths.sum() / max(t_rollout, 1e-9)), **percentiles(lengths),
+            update_widths=widths,  # each mini-batch's answer width
             lengths=[int(n) for n in lengths])  # every answer's length (Fig 1 of tlt-figures draws them)
         metrics["step_time"] = t_rollout + t_reward + t_logprob + t_update
         if res.accept_len is not None:
