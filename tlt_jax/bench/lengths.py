@@ -16,6 +16,7 @@ import argparse
 import os
 import tempfile
 import time
+from typing import Sequence
 
 import numpy as np
 
@@ -38,6 +39,15 @@ def tail_stats(lengths, cap: int) -> dict:
             "p90_over_p50": pct["len_p90"] / max(pct["len_p50"], 1.0), "at_cap": float(np.mean(x >= cap))}
 
 
+def plain_job_config(path: str, overrides: Sequence[str]):
+    """The config's job with plain rollouts on the whole host as one device and no plots (the benchmarks that
+    answer its prompts with the initial policy); sets that device count, so it runs before anything starts JAX."""
+    config = load_config(path, list(overrides) + ["tlt.enable=False", "mesh.cpu_devices=0", "train.plots=False",
+                                                  "train.tensorboard=False"])
+    apply_cpu_devices(specs.cpu_devices(config))
+    return config
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/smollm2_135m.py")
@@ -47,9 +57,7 @@ def main(argv=None) -> int:
     if args.steps < 1:
         ap.error("--steps must be >= 1")
     overrides = config_overrides(ap, rest)
-    config = load_config(args.config, overrides + ["tlt.enable=False", "mesh.cpu_devices=0",
-                                                   "train.plots=False", "train.tensorboard=False"])
-    apply_cpu_devices(specs.cpu_devices(config))  # before anything starts JAX
+    config = plain_job_config(args.config, overrides)
 
     cap = int(config.rollout.max_new_tokens)
     g = int(config.rl.group_size)

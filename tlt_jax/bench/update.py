@@ -26,15 +26,10 @@ import time
 import jax
 import numpy as np
 
-from tlt_jax.app import specs
-from tlt_jax.app.config import load_config
 from tlt_jax.app.trainer import Trainer
 from tlt_jax.bench.common import config_overrides, machine_info, print_table, write_json
+from tlt_jax.bench.lengths import plain_job_config
 from tlt_jax.core.seeds import stream_seed
-from tlt_jax.parallel.mesh import apply_cpu_devices
-from tlt_jax.rl import grpo
-from tlt_jax.rl.rewards import safe_rewards
-from tlt_jax.rl.step import build_batch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -57,9 +52,7 @@ def main(argv=None) -> int:
     if args.reps < 1:
         ap.error("--reps must be >= 1")
     overrides = config_overrides(ap, rest)
-    config = load_config(args.config, overrides + ["tlt.enable=False", "mesh.cpu_devices=0",
-                                                   "train.plots=False", "train.tensorboard=False"])
-    apply_cpu_devices(specs.cpu_devices(config))  # before anything starts JAX
+    config = plain_job_config(args.config, overrides)  # before anything starts JAX
     index = args.step - 1
     g = int(config.rl.group_size)
 
@@ -73,11 +66,7 @@ def main(argv=None) -> int:
         out = trainer.rollout(prompts, seed=stream_seed(int(config.seed), "rollout", index))
         print(f"[update] step {args.step}: {len(prompts)} answers, longest {max(out.lengths)} of "
               f"{rl.max_new_tokens} ({time.perf_counter() - t0:.1f}s rollout)", flush=True)
-        texts = [rl.decode(t) for t in out.tokens]
-        rew = safe_rewards(rl.reward_fn, texts, golds, [r == "stop" for r in out.finish_reasons])
-        adv = grpo.group_advantages(np.asarray(rew.rewards, np.float64).reshape(-1, g), rl.advantage)
-        tokens, valid, amask, adv = build_batch(prompts, out.tokens, adv, prompt_multiple=rl.prompt_multiple,
-                                                max_new_tokens=rl.max_new_tokens, answer_buckets=rl.answer_buckets)
+        tokens, valid, amask, adv = rl.batch(prompts, out.tokens, rl.score(out, golds, g)[3])
         old_logp, ref_logp, _ = rl.logprobs(tokens, valid, amask.shape[1])
         params0, opt0 = _copy(rl.params), _copy(rl.opt_state)
 

@@ -114,6 +114,20 @@ class RLStep:
 
     # ------------------------------------------------------------------------------------------ one step
 
+    def score(self, res: RolloutOutput, golds: List[str], group_size: int):
+        """Rewards and advantages of a rollout's answers (each prompt's ``group_size`` answers in a row): (decoded
+        texts, the reward function's output, rewards [num_prompts, group_size], advantages [rows])."""
+        texts = [self.decode(t) for t in res.tokens]
+        finished = [r == "stop" for r in res.finish_reasons]
+        rew: RewardOutput = safe_rewards(self.reward_fn, texts, golds, finished)
+        rewards = np.asarray(rew.rewards, np.float64).reshape(len(texts) // group_size, group_size)
+        return texts, rew, rewards, grpo.group_advantages(rewards, self.advantage)
+
+    def batch(self, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]], advantages: np.ndarray):
+        """:func:`build_batch` with this step's prompt multiple, cap and answer buckets."""
+        return build_batch(prompts, answers, advantages, prompt_multiple=self.prompt_multiple,
+                           max_new_tokens=self.max_new_tokens, answer_buckets=self.answer_buckets)
+
     def logprobs(self, tokens: np.ndarray, valid: np.ndarray, num_answer: int):
         """The log-prob forward of a batch in the training layout (host arrays): (the policy's answer log-probs
         [B, N], the frozen reference's (zeros without one), both on the host; the policy's final hidden states,
@@ -182,17 +196,11 @@ class RLStep:
         t_rollout = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        texts = [self.decode(t) for t in res.tokens]
-        finished = [r == "stop" for r in res.finish_reasons]
-        rew: RewardOutput = safe_rewards(self.reward_fn, texts, golds, finished)
-        rewards = np.asarray(rew.rewards, np.float64).reshape(len(prompts) // g, g)
-        adv = grpo.group_advantages(rewards, self.advantage)
+        texts, rew, rewards, adv = self.score(res, golds, g)
         t_reward = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        tokens, valid, amask, adv = build_batch(prompts, res.tokens, adv, prompt_multiple=self.prompt_multiple,
-                                                max_new_tokens=self.max_new_tokens,
-                                                answer_buckets=self.answer_buckets)
+        tokens, valid, amask, adv = self.batch(prompts, res.tokens, adv)
         n = amask.shape[1]
         old_logp, ref_logp, hidden = self.logprobs(tokens, valid, n)
         if self.drafter is not None and self.drafter.buffer is not None:
